@@ -1,0 +1,52 @@
+# storage-gateway: one-command setup, run and test on a fresh Debian 12 host (run as root).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+APT_PACKAGES := qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit nbdfuse fuse3 \
+	libfuse3-dev fuse2fs libvirt-daemon libvirt-daemon-driver-lxc libvirt-clients libvirt-dev \
+	libparted-dev pkg-config busybox-static e2fsprogs xfsprogs btrfs-progs dosfstools fdisk gdisk \
+	squashfs-tools cryptsetup-bin lvm2 util-linux python3-venv python3-dev gcc clang \
+	libclang-rt-14-dev procps
+PYTEST_ARGS ?=
+
+.PHONY: setup apt venv native run test lint typecheck pytest clean bench fuzz soak
+
+setup: apt venv native
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+native: venv
+	$(PY) build_native.py
+
+run: setup
+	$(PY) -m gateway.demo
+
+lint: setup
+	$(VENV)/bin/ruff check gateway tests bench build_native.py
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+pytest: setup
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test: setup lint typecheck pytest
+
+clean:
+	rm -rf build gateway/_native/*.so gateway/_native/_probe.c .pytest_cache .mypy_cache
+
+-include mk/*.mk
