@@ -68,7 +68,7 @@ def spawn(
     """Start a long-lived child in its own session, stdin closed, stderr to a file or discarded."""
     args = [os.fspath(a) for a in argv]
     full_env = None if env is None else {**os.environ, **env}
-    err_target = open(stderr_path, "ab") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
+    err_target = open(stderr_path, "ab") if stderr_path else subprocess.DEVNULL
     try:
         return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err_target,
                                 stderr=err_target, env=full_env, start_new_session=True,

@@ -1,0 +1,278 @@
+"""The SQLite catalog: volumes with their pinned formats, desired exports and attachment journals.
+
+Every change is one transaction, so a failed request leaves no half-written rows. The schema carries
+a version (PRAGMA user_version) and is brought forward by the ordered MIGRATIONS on open.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import AlreadyExists, GatewayError, NotFound
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: volumes with their pinned format and header facts.
+    """
+    CREATE TABLE volumes (
+        name TEXT PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        format TEXT NOT NULL CHECK (format IN ('raw', 'qcow2')),
+        virtual_size INTEGER NOT NULL,
+        read_only INTEGER NOT NULL DEFAULT 0,
+        block_device INTEGER NOT NULL DEFAULT 0,
+        nosuid INTEGER NOT NULL DEFAULT 0,
+        noexec INTEGER NOT NULL DEFAULT 0,
+        created TEXT NOT NULL,
+        header TEXT NOT NULL
+    );
+    """,
+    # 2: desired exports, the pinned rootfs type and the attachment journal.
+    """
+    ALTER TABLE volumes ADD COLUMN fstype TEXT;
+    CREATE TABLE exports (
+        volume TEXT PRIMARY KEY REFERENCES volumes(name)
+    );
+    CREATE TABLE attachments (
+        volume TEXT PRIMARY KEY REFERENCES volumes(name),
+        mode TEXT NOT NULL,
+        state TEXT NOT NULL,
+        rootfs TEXT NOT NULL,
+        window_start INTEGER,
+        window_size INTEGER,
+        created TEXT NOT NULL
+    );
+    CREATE TABLE attachment_steps (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        volume TEXT NOT NULL,
+        step TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE INDEX attachment_steps_volume ON attachment_steps(volume);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class CatalogError(GatewayError):
+    code = "catalog-error"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class Volume:
+    name: str
+    path: str
+    format: str
+    virtual_size: int
+    read_only: bool = False
+    block_device: bool = False
+    nosuid: bool = False
+    noexec: bool = False
+    created: str = field(default_factory=now)
+    header: dict[str, Any] = field(default_factory=dict)
+    fstype: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "path": self.path, "format": self.format,
+            "virtual_size": self.virtual_size, "read_only": self.read_only,
+            "block_device": self.block_device, "nosuid": self.nosuid, "noexec": self.noexec,
+            "created": self.created, "header": self.header, "fstype": self.fstype,
+        }
+
+
+@dataclass(frozen=True)
+class AttachmentRecord:
+    volume: str
+    mode: str
+    state: str
+    rootfs: str
+    window_start: int | None
+    window_size: int | None
+    created: str
+    steps: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "state": self.state, "rootfs": self.rootfs,
+                "window": None if self.window_start is None
+                else {"start": self.window_start, "size": self.window_size},
+                "since": self.created}
+
+
+_VOLUME_COLUMNS = ("name, path, format, virtual_size, read_only, block_device, nosuid, noexec, "
+                   "created, header, fstype")
+
+
+def _volume(row: sqlite3.Row) -> Volume:
+    return Volume(name=row["name"], path=row["path"], format=row["format"],
+                  virtual_size=row["virtual_size"], read_only=bool(row["read_only"]),
+                  block_device=bool(row["block_device"]), nosuid=bool(row["nosuid"]),
+                  noexec=bool(row["noexec"]), created=row["created"],
+                  header=json.loads(row["header"]), fstype=row["fstype"])
+
+
+class Catalog:
+    """One SQLite database; call from one thread (the daemon's trio thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._migrate()
+        except (sqlite3.Error, OSError) as exc:
+            raise CatalogError(f"catalog {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    @property
+    def version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        current = self.version
+        if current > SCHEMA_VERSION:
+            raise CatalogError(f"catalog {self.path} has schema {current}, newer than this "
+                               f"gatewayd ({SCHEMA_VERSION})")
+        for number in range(current + 1, SCHEMA_VERSION + 1):
+            with self.transaction() as db:
+                for statement in MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on error; SQLite errors become CatalogError."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise CatalogError(f"catalog: {exc}") from exc
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._db.execute("ROLLBACK")
+            raise CatalogError(f"catalog: {exc}") from exc
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise CatalogError(f"catalog: {exc}") from exc
+
+    # Volumes.
+    def add_volume(self, volume: Volume) -> None:
+        try:
+            with self.transaction() as db:
+                owner = db.execute("SELECT name FROM volumes WHERE path = ?",
+                                   (volume.path,)).fetchone()
+                if owner is not None:
+                    raise AlreadyExists(f"{volume.path} is already registered as volume "
+                                        f"{owner['name']}")
+                if db.execute("SELECT 1 FROM volumes WHERE name = ?", (volume.name,)).fetchone():
+                    raise AlreadyExists(f"volume {volume.name} already exists")
+                db.execute(
+                    f"INSERT INTO volumes ({_VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (volume.name, volume.path, volume.format, volume.virtual_size,
+                     int(volume.read_only), int(volume.block_device), int(volume.nosuid),
+                     int(volume.noexec), volume.created, json.dumps(volume.header),
+                     volume.fstype))
+        except sqlite3.Error as exc:
+            raise CatalogError(f"catalog: {exc}") from exc
+
+    def volume(self, name: str) -> Volume:
+        rows = self._query(f"SELECT {_VOLUME_COLUMNS} FROM volumes WHERE name = ?", (name,))
+        if not rows:
+            raise NotFound(f"no volume named {name}")
+        return _volume(rows[0])
+
+    def volumes(self) -> list[Volume]:
+        return [_volume(r) for r in
+                self._query(f"SELECT {_VOLUME_COLUMNS} FROM volumes ORDER BY name")]
+
+    def remove_volume(self, name: str) -> None:
+        with self.transaction() as db:
+            if db.execute("DELETE FROM volumes WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no volume named {name}")
+
+    def pin_fstype(self, name: str, fstype: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE volumes SET fstype = ? WHERE name = ? AND fstype IS NULL",
+                       (fstype, name))
+
+    # Exports (desired state: re-added after a QSD or gatewayd restart).
+    def set_exported(self, name: str, exported: bool) -> None:
+        with self.transaction() as db:
+            if exported:
+                db.execute("INSERT OR IGNORE INTO exports (volume) VALUES (?)", (name,))
+            else:
+                db.execute("DELETE FROM exports WHERE volume = ?", (name,))
+
+    def exported(self) -> list[str]:
+        return [r["volume"] for r in self._query("SELECT volume FROM exports ORDER BY volume")]
+
+    # Attachments and their journal.
+    def begin_attachment(self, volume: str, mode: str, rootfs: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM attachment_steps WHERE volume = ?", (volume,))
+            db.execute("INSERT OR REPLACE INTO attachments (volume, mode, state, rootfs, created) "
+                       "VALUES (?, ?, 'attaching', ?, ?)", (volume, mode, rootfs, now()))
+
+    def set_attachment(self, volume: str, *, state: str | None = None,
+                       window: tuple[int, int] | None = None) -> None:
+        with self.transaction() as db:
+            if state is not None:
+                db.execute("UPDATE attachments SET state = ? WHERE volume = ?", (state, volume))
+            if window is not None:
+                db.execute("UPDATE attachments SET window_start = ?, window_size = ? "
+                           "WHERE volume = ?", (window[0], window[1], volume))
+
+    def journal(self, volume: str, step: str, detail: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO attachment_steps (volume, step, detail, at) VALUES (?,?,?,?)",
+                       (volume, step, json.dumps(detail), now()))
+
+    def end_attachment(self, volume: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM attachment_steps WHERE volume = ?", (volume,))
+            db.execute("DELETE FROM attachments WHERE volume = ?", (volume,))
+
+    def attachments(self) -> list[AttachmentRecord]:
+        records = []
+        for row in self._query("SELECT * FROM attachments ORDER BY volume"):
+            steps = tuple(
+                (s["step"], json.loads(s["detail"])) for s in self._query(
+                    "SELECT step, detail FROM attachment_steps WHERE volume = ? ORDER BY id",
+                    (row["volume"],)))
+            records.append(AttachmentRecord(
+                volume=row["volume"], mode=row["mode"], state=row["state"], rootfs=row["rootfs"],
+                window_start=row["window_start"], window_size=row["window_size"],
+                created=row["created"], steps=steps))
+        return records
+
+    def attachment(self, volume: str) -> AttachmentRecord | None:
+        for record in self.attachments():
+            if record.volume == volume:
+                return record
+        return None

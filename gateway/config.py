@@ -1,0 +1,50 @@
+"""Daemon and client settings: command-line flags over environment over defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_STATE_DIR = Path("/var/lib/storage-gateway")
+DEFAULT_RUN_DIR = Path("/run/storage-gateway")
+
+
+def env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value) if value else default
+
+
+def default_run_dir() -> Path:
+    return env_path("GATEWAY_RUN_DIR", DEFAULT_RUN_DIR)
+
+
+def default_socket() -> Path:
+    value = os.environ.get("GATEWAY_SOCKET")
+    return Path(value) if value else default_run_dir() / "admin.sock"
+
+
+def parse_roots(value: str | None) -> tuple[Path, ...]:
+    """Allowed image roots, colon-separated; each is resolved so that symlinks cannot widen it."""
+    if not value:
+        return ()
+    return tuple(Path(os.path.realpath(p)) for p in value.split(":") if p)
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = field(
+        default_factory=lambda: env_path("GATEWAY_STATE_DIR", DEFAULT_STATE_DIR))
+    run_dir: Path = field(default_factory=default_run_dir)
+    admin_group: str | None = field(default_factory=lambda: os.environ.get("GATEWAY_ADMIN_GROUP"))
+    allowed_roots: tuple[Path, ...] = field(
+        default_factory=lambda: parse_roots(os.environ.get("GATEWAY_ALLOWED_ROOTS")))
+    log_level: str = field(default_factory=lambda: os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.state_dir / "catalog.db"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.run_dir / "admin.sock"
