@@ -15,7 +15,7 @@ import trio
 from gateway import log as gwlog
 from gateway.catalog import Catalog
 from gateway.config import Settings, parse_roots
-from gateway.errors import GatewayError
+from gateway.errors import first_gateway_error
 from gateway.log import fields
 from gateway.server import AccessPolicy, AdminServer
 from gateway.service import Gateway
@@ -86,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     gwlog.setup(settings.log_level)
     try:
         trio.run(serve, settings)
-    except GatewayError as exc:
-        log.error("gatewayd failed", extra=fields(error=exc.message, code=exc.code))
-        print(f"gatewayd: {exc.message}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        error = first_gateway_error(exc)
+        if error is None:
+            raise
+        log.error("gatewayd failed", extra=fields(error=error.message, code=error.code))
+        print(f"gatewayd: {error.message}", file=sys.stderr)
+        return 1
     return 0
 
 

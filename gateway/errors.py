@@ -66,3 +66,15 @@ class BackendError(GatewayError):
 
 class DaemonUnavailable(GatewayError):
     code = "daemon-unavailable"
+
+
+def first_gateway_error(exc: BaseException) -> GatewayError | None:
+    """The first GatewayError in `exc`, looking inside (nested) exception groups."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_gateway_error(inner)
+            if found is not None:
+                return found
+    return None

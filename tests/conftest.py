@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.gatewayd import Daemon
 from tests.images import ImageSet, build_image_set
 
 
@@ -12,3 +13,16 @@ from tests.images import ImageSet, build_image_set
 def image_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageSet]:
     """The standard busybox images, built once per test session (read-only: copy before writing)."""
     yield build_image_set(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture
+def gatewayd(tmp_path: Path) -> Iterator[Daemon]:
+    """A running gatewayd with private state and run dirs, stopped (and checked) afterwards."""
+    daemon = Daemon(state_dir=tmp_path / "state", run_dir=tmp_path / "run",
+                    log_path=tmp_path / "gatewayd.log")
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        code = daemon.stop()
+        assert code == 0, f"gatewayd exited {code}:\n{daemon.log_tail()}"
