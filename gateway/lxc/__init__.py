@@ -1,0 +1,1 @@
+"""libvirt-lxc building blocks: host preparation, libvirtd harness, domains, events and the hook."""

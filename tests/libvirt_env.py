@@ -1,0 +1,161 @@
+"""A real libvirtd for tests: session fixture `libvirt_env`.
+
+Starts libvirtd (or reuses a running one) with a fresh shared rootfs dir and, when it starts the
+daemon itself, a private hooks dir holding the gateway hook (bind-mounted over /etc/libvirt/hooks
+inside libvirtd's namespace only) that talks to `socket_path`. On teardown it destroys the
+domains, stops the daemon it started and unmounts what it mounted.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.lxc import hook, libvirtd
+
+
+@dataclass(frozen=True)
+class LibvirtEnv:
+    uri: str
+    shared_dir: Path  # a shared mount point: mounts below it reach libvirtd
+    socket_path: Path  # where the hook expects gatewayd (when hook_active)
+    hook_active: bool  # False when an already running libvirtd was reused
+    mounts_visible: bool  # whether mounts below shared_dir reach libvirtd (False if reused)
+    handle: libvirtd.LibvirtdHandle
+
+
+def umount_below(path: Path) -> None:
+    """Lazily unmount every mount at or below `path`, deepest first."""
+    prefix = str(path)
+    targets = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        target = line.split(" ")[4].replace("\\040", " ")
+        if target == prefix or target.startswith(prefix + "/"):
+            targets.append(target)
+    for target in reversed(targets):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
+
+def _reaches_libvirtd(shared: Path) -> bool:
+    """Does a mount made now below `shared` show up in the running libvirtd's namespace?"""
+    try:
+        pid = int(Path("/var/run/libvirtd.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    probe = shared / "probe"
+    probe.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "gateway-probe", str(probe)], check=True)
+    try:
+        return f" {probe} " in Path(f"/proc/{pid}/mountinfo").read_text()
+    except OSError:
+        return False
+    finally:
+        subprocess.run(["umount", str(probe)], check=False)
+
+
+@pytest.fixture(scope="session")
+def libvirt_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtEnv]:
+    base = tmp_path_factory.mktemp("libvirt")
+    shared = base / "rootfs"
+    hooks = base / "hooks"
+    sock = base / "admin.sock"
+    hook.install_hook(hooks, str(sock))
+    handle = libvirtd.ensure_libvirtd([shared], hooks_dir=hooks)
+    try:
+        yield LibvirtEnv(uri=handle.uri, shared_dir=shared, socket_path=sock,
+                         hook_active=handle.owned, mounts_visible=handle.owned or
+                         _reaches_libvirtd(shared), handle=handle)
+    finally:
+        try:
+            handle.stop()
+        finally:
+            umount_below(shared)
+
+
+class FakeGatewayd:
+    """A stand-in admin socket for hook tests: answers `mount` by bind-mounting a prepared tree at
+    SHARED/VOLUME and `umount` by unmounting it; records every request. Runs in a thread."""
+
+    def __init__(self, socket_path: Path, shared_dir: Path | None = None,
+                 trees: dict[str, Path] | None = None, reply_rootfs: str | None = None) -> None:
+        import socket
+        import threading
+
+        self.socket_path = socket_path
+        self.shared_dir = shared_dir
+        self.trees = trees or {}
+        self.reply_rootfs = reply_rootfs
+        self.requests: list[dict[str, object]] = []
+        socket_path.unlink(missing_ok=True)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(socket_path))
+        self._sock.listen(8)
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> FakeGatewayd:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._sock.close()
+        self.socket_path.unlink(missing_ok=True)
+
+    def _serve(self) -> None:
+        import json
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                buf = b""
+                while b"\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                if not buf:
+                    continue
+                req = json.loads(buf.split(b"\n", 1)[0])
+                self.requests.append(req)
+                conn.sendall(json.dumps(self._answer(req)).encode() + b"\n")
+
+    def _answer(self, req: dict[str, object]) -> dict[str, object]:
+        args = req.get("args")
+        assert isinstance(args, dict)
+        name = str(args.get("name"))
+        base = self.shared_dir if self.shared_dir is not None else Path("/nonexistent")
+        rootfs = base / name
+        if req.get("op") == "mount":
+            if name not in self.trees:
+                return {"id": req.get("id"), "ok": False,
+                        "error": {"code": "not-found", "message": f"no volume {name}"}}
+            if self.shared_dir is not None and libvirtd_mountpoint(rootfs) is False:
+                rootfs.mkdir(parents=True, exist_ok=True)
+                subprocess.run(["mount", "--bind", str(self.trees[name]), str(rootfs)],
+                               check=True)
+            return {"id": req.get("id"), "ok": True,
+                    "result": {"rootfs": self.reply_rootfs or str(rootfs),
+                               "mode": args.get("mode")}}
+        if req.get("op") == "umount":
+            if self.shared_dir is not None:
+                umount_below(rootfs)
+            return {"id": req.get("id"), "ok": True, "result": None}
+        return {"id": req.get("id"), "ok": False,
+                "error": {"code": "invalid-argument", "message": "unknown op"}}
+
+
+def libvirtd_mountpoint(path: Path) -> bool:
+    from gateway.lxc.hostprep import mount_propagation
+
+    return mount_propagation(path) is not None
