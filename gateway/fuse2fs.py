@@ -173,7 +173,7 @@ def processes_under(path: str | os.PathLike[str]) -> dict[int, list[str]]:
             continue
         if not argv or os.path.basename(argv[0]) != PROGRAM or not _alive(int(entry)):
             continue
-        if any(a.startswith(root) for a in argv[1:]):
+        if any(a.startswith(root) or a == root[:-1] for a in argv[1:]):
             found[int(entry)] = argv
     return found
 
@@ -181,7 +181,8 @@ def processes_under(path: str | os.PathLike[str]) -> dict[int, list[str]]:
 def adopt(pid: int, target: str) -> Fuse2fs | None:
     """A handle on a fuse2fs left by a dead daemon, if `pid` still is that fuse2fs."""
     target_s = os.path.normpath(os.path.abspath(target))
-    argv = processes_under(os.path.dirname(target_s)).get(pid)
+    argv = processes_under(target_s).get(pid)
     if argv is None or target_s not in argv:
         return None
-    return Fuse2fs(argv[1] if len(argv) > 1 else "", target_s, pid, "ro" in "".join(argv), None)
+    opts = argv[argv.index("-o") + 1].split(",") if "-o" in argv[:-1] else []
+    return Fuse2fs(argv[1] if len(argv) > 1 else "", target_s, pid, "ro" in opts, None)

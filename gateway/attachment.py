@@ -1,0 +1,390 @@
+"""Attachment steps: getting a volume's rootfs window from the block view to RUN_DIR/rootfs/VOL.
+
+Blocking functions the daemon runs in worker threads (never on the trio thread that serves the
+block view). They keep no global state and take no global lock: different volumes may be
+attached and detached in parallel.
+
+Modes:
+  bind  loop over RUN_DIR/blk/VOL/rootfs -> kernel mount at RUN_DIR/mnt/VOL (fs type pinned)
+        -> bind mount at RUN_DIR/rootfs/VOL.
+  fuse  fuse2fs over RUN_DIR/blk/VOL/rootfs mounted at RUN_DIR/rootfs/VOL (ext2/3/4 only; the host
+        kernel never parses the filesystem).
+  Kernel NBD mode (/dev/nbdX) is not available on this host. Its seam: attach_bind(device=...)
+  takes an existing block device and skips the loop step; everything after it is the same.
+
+Journal: before each step the caller's `journal(step, detail)` is called with
+detail["phase"] == "start", and right after with "done" and the result (the loop device, the
+fuse2fs pid). Steps: "loop", "mount", "bind", "fuse2fs". reconcile() reads these entries back.
+
+Loop devices are attached with auto-clear: they vanish when the filesystem on them is unmounted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway import fuse2fs, loopdev, mounts
+from gateway.errors import BackendError, Conflict, GatewayError, InvalidArgument, NotFound
+
+Journal = Callable[[str, dict[str, object]], None]
+JournalEntry = tuple[str, Mapping[str, object]]
+
+BIND = "bind"
+FUSE = "fuse"
+KERNEL_FSTYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs")
+
+
+def _no_journal(step: str, detail: dict[str, object]) -> None:
+    return None
+
+
+class TeardownIncomplete(BackendError):
+    """Teardown finished but pieces of the volume remain; `.remains` lists them."""
+
+    code = "teardown-incomplete"
+
+    def __init__(self, volume: str, remains: list[str]) -> None:
+        super().__init__(f"attachment {volume}: teardown left {len(remains)} item(s): "
+                         + "; ".join(remains))
+        self.remains = remains
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    run_dir: Path
+
+    @property
+    def blk(self) -> Path:
+        return self.run_dir / "blk"
+
+    @property
+    def mnt_root(self) -> Path:
+        return self.run_dir / "mnt"
+
+    @property
+    def rootfs_root(self) -> Path:
+        return self.run_dir / "rootfs"
+
+    def volume_dir(self, volume: str) -> Path:
+        return self.blk / volume
+
+    def window(self, volume: str) -> Path:
+        return self.blk / volume / "rootfs"
+
+    def mnt(self, volume: str) -> Path:
+        return self.mnt_root / volume
+
+    def rootfs(self, volume: str) -> Path:
+        return self.rootfs_root / volume
+
+
+def _layout(run_dir: str | os.PathLike[str], volume: str | None = None) -> RunLayout:
+    if volume is not None and (not volume or "/" in volume or volume in (".", "..")):
+        raise InvalidArgument(f"attachment: bad volume name {volume!r}")
+    return RunLayout(Path(os.path.abspath(os.fspath(run_dir))))
+
+
+@dataclass
+class Attachment:
+    volume: str
+    mode: str
+    run_dir: Path
+    rootfs: Path
+    loop: str | None = None
+    mnt: Path | None = None
+    fuse: fuse2fs.Fuse2fs | None = field(default=None, repr=False)
+
+    @property
+    def fuse2fs_pid(self) -> int | None:
+        return self.fuse.pid if self.fuse is not None else None
+
+
+def prepare_rootfs_root(run_dir: str | os.PathLike[str]) -> Path:
+    """Make RUN_DIR/rootfs a shared mount in its own peer group (idempotent).
+
+    A bind of the directory onto itself, made private then shared: mounts made under it after
+    libvirtd started still propagate into libvirt's namespace.
+    """
+    root = _layout(run_dir).rootfs_root
+    root.mkdir(parents=True, exist_ok=True)
+    if not any(m.shared for m in mounts.mounts_at(root)):
+        if not mounts.is_mountpoint(root):
+            mounts.bind(root, root, nodev=False)
+        mounts.make_private(root)
+        mounts.make_shared(root)
+    return root
+
+
+def release_rootfs_root(run_dir: str | os.PathLike[str]) -> None:
+    """Undo prepare_rootfs_root (for shutdown and tests); refuses while volumes are mounted."""
+    root = _layout(run_dir).rootfs_root
+    inner = [m.mount_point for m in mounts.mounts_under(root) if m.mount_point != str(root)]
+    if inner:
+        raise Conflict(f"attachment: {root} still has mounts: {', '.join(inner)}")
+    while mounts.is_mountpoint(root):
+        mounts.umount(root)
+
+
+def _flags(read_only: bool, nosuid: bool, noexec: bool) -> int:
+    return (mounts.MS_NODEV | (mounts.MS_RDONLY if read_only else 0)
+            | (mounts.MS_NOSUID if nosuid else 0) | (mounts.MS_NOEXEC if noexec else 0))
+
+
+def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
+                journal: Journal = _no_journal, read_only: bool = False, nosuid: bool = True,
+                noexec: bool = False, data: str | None = None,
+                device: str | None = None) -> Attachment:
+    """loop -> kernel mount -> bind. `device` skips the loop step (kernel NBD seam)."""
+    if fstype not in KERNEL_FSTYPES:
+        raise InvalidArgument(f"attachment {volume}: filesystem type {fstype!r} is not allowed "
+                              f"for kernel mounts (allowed: {', '.join(KERNEL_FSTYPES)})")
+    lay = _layout(run_dir, volume)
+    mnt, target, window = lay.mnt(volume), lay.rootfs(volume), lay.window(volume)
+    for d in (mnt, target):
+        d.mkdir(parents=True, exist_ok=True)
+    att = Attachment(volume, BIND, lay.run_dir, target)
+    flags = _flags(read_only, nosuid, noexec)
+    try:
+        dev_fd = -1
+        if device is None:
+            journal("loop", {"phase": "start", "file": str(window), "read_only": read_only})
+            loop, dev_fd = loopdev.attach(window, read_only=read_only)
+            att.loop = device = loop.path
+            journal("loop", {"phase": "done", "file": str(window), "device": loop.path})
+        try:
+            journal("mount", {"phase": "start", "device": device, "target": str(mnt),
+                              "fstype": fstype, "flags": flags, "data": data})
+            mounts.mount(device, mnt, fstype, flags, data)
+            att.mnt = mnt
+            journal("mount", {"phase": "done", "device": device, "target": str(mnt)})
+        finally:
+            if dev_fd >= 0:
+                os.close(dev_fd)  # the mount holds the device now; auto-clear frees it on umount
+        journal("bind", {"phase": "start", "source": str(mnt), "target": str(target)})
+        mounts.bind(mnt, target, read_only=read_only, nosuid=nosuid, noexec=noexec)
+        journal("bind", {"phase": "done", "target": str(target)})
+    except BaseException:
+        _best_effort_teardown(att)
+        raise
+    return att
+
+
+def attach_fuse(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
+                journal: Journal = _no_journal, read_only: bool = False, nosuid: bool = True,
+                noexec: bool = False, stderr_path: str | None = None,
+                timeout: float = 15.0) -> Attachment:
+    """fuse2fs over the rootfs window, mounted at RUN_DIR/rootfs/VOL."""
+    fuse2fs.check_fstype(fstype)
+    lay = _layout(run_dir, volume)
+    target, window = lay.rootfs(volume), lay.window(volume)
+    target.mkdir(parents=True, exist_ok=True)
+    journal("fuse2fs", {"phase": "start", "image": str(window), "target": str(target)})
+    handle = fuse2fs.start(window, target, fstype, read_only=read_only, nosuid=nosuid,
+                           noexec=noexec, timeout=timeout, stderr_path=stderr_path)
+    journal("fuse2fs", {"phase": "done", "pid": handle.pid, "target": str(target)})
+    return Attachment(volume, FUSE, lay.run_dir, target, fuse=handle)
+
+
+def _umount_if_mounted(path: Path, *, force: bool) -> None:
+    while mounts.is_mountpoint(path):
+        try:
+            mounts.umount(path)
+        except GatewayError:
+            if not force:
+                raise
+            _umount_forcefully(path)
+
+
+def _umount_forcefully(path: Path) -> None:
+    """MNT_FORCE first (aborts I/O on dead backends), then a lazy detach as the last resort."""
+    try:
+        mounts.umount(path, force=True)
+    except GatewayError:
+        mounts.umount(path, lazy=True)
+
+
+def _detach_loop_of(dev: str, backing: Path) -> bool:
+    """Detach `dev` only if it still serves `backing` (it may have been reused). True if done."""
+    if loopdev.backing_file(dev) != str(backing):
+        return False
+    try:
+        loopdev.detach(dev)
+    except NotFound:
+        return False
+    return True
+
+
+def _best_effort_teardown(att: Attachment) -> None:
+    try:
+        _teardown(att, force=True)
+    except GatewayError:
+        pass
+
+
+def _teardown(att: Attachment, *, force: bool) -> None:
+    lay = _layout(att.run_dir)
+    if att.mode == BIND:
+        _umount_if_mounted(att.rootfs, force=force)
+        _umount_if_mounted(lay.mnt(att.volume), force=force)
+        if att.loop is not None:
+            _detach_loop_of(att.loop, lay.window(att.volume))
+    elif att.fuse is not None:
+        att.fuse.stop(force=force)
+
+
+def detach(att: Attachment, *, force: bool = False) -> None:
+    """Verified teardown: umount (lazy only with force), loop detach, fuse2fs exit, then check.
+
+    The caller then closes block-view files (BlockView.remove_volume) and flushes NBD.
+    """
+    _teardown(att, force=force)
+    remains = leftovers(att.run_dir, att.volume)
+    if remains:
+        raise TeardownIncomplete(att.volume, remains)
+
+
+def leftovers(run_dir: str | os.PathLike[str], volume: str) -> list[str]:
+    """What of `volume` is still present: mounts, loop devices, fuse2fs processes."""
+    lay = _layout(run_dir, volume)
+    remains: list[str] = []
+    for root in (lay.mnt(volume), lay.rootfs(volume)):
+        remains += [f"mount {m.mount_point} ({m.fstype})" for m in mounts.mounts_under(root)]
+    remains += [f"loop {dev} on {loopdev.backing_file(dev)}"
+                for dev in loopdev.devices_backed_by(lay.volume_dir(volume))]
+    for pid in fuse2fs.processes_under(lay.rootfs(volume)):
+        remains.append(f"fuse2fs pid {pid}")
+    return remains
+
+
+@dataclass
+class ReconcileReport:
+    found: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    remaining: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def merge(self, other: ReconcileReport) -> None:
+        self.found += other.found
+        self.done += other.done
+        self.remaining += other.remaining
+        self.errors += other.errors
+
+
+def _journal_facts(entries: Iterable[JournalEntry]) -> tuple[set[str], set[int]]:
+    loops: set[str] = set()
+    pids: set[int] = set()
+    for step, detail in entries:
+        if step == "loop" and isinstance(detail.get("device"), str):
+            loops.add(str(detail["device"]))
+        elif step == "mount" and isinstance(detail.get("device"), str):
+            loops.add(str(detail["device"]))
+        elif step == "fuse2fs" and isinstance(detail.get("pid"), int):
+            pids.add(int(detail["pid"]))  # type: ignore[call-overload]
+    return {d for d in loops if os.path.basename(d).startswith("loop")}, pids
+
+
+def _unmount_all(root: Path, report: ReconcileReport, *, keep_root: bool = False) -> None:
+    for m in mounts.mounts_under(root):
+        if keep_root and m.mount_point == str(root):
+            continue
+        report.found.append(f"mount {m.mount_point} ({m.fstype} from {m.source})")
+        path = Path(m.mount_point)
+        try:
+            mounts.umount(path)
+            report.done.append(f"unmounted {path}")
+        except GatewayError as exc:
+            try:
+                _umount_forcefully(path)
+                report.done.append(f"force-unmounted {path} after: {exc}")
+            except GatewayError as exc2:
+                report.errors.append(f"umount {path}: {exc2}")
+
+
+def _detach_loops(devs: Iterable[str], under: Path, report: ReconcileReport) -> None:
+    prefix = str(under).rstrip("/") + "/"
+    for dev in sorted(set(devs)):
+        backing = loopdev.backing_file(dev)
+        if backing is None or not backing.startswith(prefix):
+            continue
+        report.found.append(f"loop {dev} on {backing}")
+        try:
+            loopdev.detach(dev)
+            report.done.append(f"detached {dev}")
+        except GatewayError as exc:
+            report.errors.append(f"detach {dev}: {exc}")
+
+
+def _stop_fuse2fs(pids: Iterable[int], under: Path, report: ReconcileReport) -> None:
+    live = fuse2fs.processes_under(under)
+    for pid in sorted(set(pids) | set(live)):
+        argv = live.get(pid)
+        if argv is None:
+            continue  # gone, or the pid now belongs to something else
+        target = next((a for a in argv[1:] if a.startswith(str(under))), str(under))
+        handle = fuse2fs.adopt(pid, argv[2] if len(argv) > 2 else target)
+        if handle is None:
+            continue
+        report.found.append(f"fuse2fs pid {pid} at {handle.target}")
+        try:
+            handle.stop(force=True, timeout=5.0)
+            report.done.append(f"stopped fuse2fs pid {pid}")
+        except GatewayError as exc:
+            report.errors.append(f"stop fuse2fs pid {pid}: {exc}")
+
+
+def reconcile(run_dir: str | os.PathLike[str], volume: str,
+              entries: Iterable[JournalEntry] = ()) -> ReconcileReport:
+    """Tear down what a crashed daemon left of `volume`'s attachment, guided by its journal.
+
+    Adopting a still-sound attachment is impossible: the block view died with the daemon, so
+    its loop devices and fuse2fs read a dead FUSE file (ENOTCONN). Reconcile therefore always
+    tears down: unmount (forcing or detaching lazily when the backend is dead), detach loop
+    devices, stop fuse2fs, then verify. The report lists what was found, done and what remains.
+    """
+    lay = _layout(run_dir, volume)
+    report = ReconcileReport()
+    loops, pids = _journal_facts(entries)
+    _unmount_all(lay.rootfs(volume), report)
+    _unmount_all(lay.mnt(volume), report)
+    _detach_loops(loops | set(loopdev.devices_backed_by(lay.volume_dir(volume))),
+                  lay.volume_dir(volume), report)
+    _stop_fuse2fs(pids, lay.rootfs(volume), report)
+    report.remaining = leftovers(run_dir, volume)
+    return report
+
+
+def sweep(run_dir: str | os.PathLike[str], *, block_view: bool = True) -> ReconcileReport:
+    """Remove leftovers in no journal: mounts under RUN_DIR/mnt and RUN_DIR/rootfs (the shared
+    rootfs root itself stays), loop devices on files under RUN_DIR/blk, fuse2fs processes under
+    RUN_DIR, and (block_view=True) a stale FUSE mount at RUN_DIR/blk. A block view that still
+    answers is left alone and reported: it belongs to a live daemon.
+    """
+    lay = _layout(run_dir)
+    report = ReconcileReport()
+    _unmount_all(lay.rootfs_root, report, keep_root=True)
+    _unmount_all(lay.mnt_root, report)
+    _detach_loops(loopdev.devices_backed_by(lay.blk), lay.blk, report)
+    _stop_fuse2fs((), lay.run_dir, report)
+    live_view = False
+    if block_view and mounts.is_mountpoint(lay.blk):
+        try:
+            os.stat(lay.blk)
+            live_view = True
+            report.remaining.append(f"live block view at {lay.blk} (not touched)")
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                report.errors.append(f"stat {lay.blk}: {exc.strerror}")
+            report.found.append(f"stale block view at {lay.blk}")
+            _unmount_all(lay.blk, report)
+    report.remaining += [f"mount {m.mount_point}" for m in mounts.mounts_under(lay.mnt_root)]
+    if block_view and not live_view:
+        report.remaining += [f"mount {m.mount_point}" for m in mounts.mounts_under(lay.blk)]
+    report.remaining += [f"mount {m.mount_point}" for m in mounts.mounts_under(lay.rootfs_root)
+                         if m.mount_point != str(lay.rootfs_root)]
+    report.remaining += [f"loop {d}" for d in loopdev.devices_backed_by(lay.blk)]
+    report.remaining += [f"fuse2fs pid {p}" for p in fuse2fs.processes_under(lay.run_dir)]
+    return report
