@@ -40,6 +40,9 @@ class Settings:
     allowed_roots: tuple[Path, ...] = field(
         default_factory=lambda: parse_roots(os.environ.get("GATEWAY_ALLOWED_ROOTS")))
     log_level: str = field(default_factory=lambda: os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    # libvirt connection followed for domain lifecycle events; "" turns that off.
+    libvirt_uri: str = field(default_factory=lambda: os.environ.get("GATEWAY_LIBVIRT_URI",
+                                                                    "lxc:///"))
 
     @property
     def catalog_path(self) -> Path:

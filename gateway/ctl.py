@@ -35,7 +35,7 @@ def call(ns: argparse.Namespace, op: str, args: dict[str, Any] | None = None) ->
 
 def emit(ns: argparse.Namespace, value: Any, human: Callable[[Any], str]) -> int:
     if getattr(ns, "json", False):
-        print(json.dumps(value, indent=2, sort_keys=True))
+        print(json.dumps(value, indent=2))
     else:
         text = human(value)
         if text:
@@ -127,6 +127,88 @@ def probe_text(r: dict[str, Any]) -> str:
     return head + "\n" + table(("NUMBER", "START", "SIZE", "TYPE", "FS"), rows)
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    result = call(ns, "export", {"name": ns.name})
+    return emit(ns, result, lambda r: r["uri"])
+
+
+def cmd_unexport(ns: argparse.Namespace) -> int:
+    result = call(ns, "unexport", {"name": ns.name})
+    return emit(ns, result, lambda r: f"unexported {r['name']}")
+
+
+def cmd_probe(ns: argparse.Namespace) -> int:
+    return emit(ns, call(ns, "probe", {"name": ns.name}), probe_text)
+
+
+def cmd_mount(ns: argparse.Namespace) -> int:
+    result = call(ns, "mount", {"name": ns.name, "mode": ns.mode})
+    if ns.json:
+        print(json.dumps({"rootfs": result["rootfs"], "mode": result["mode"]}))
+        return 0
+    print(result["rootfs"])
+    return 0
+
+
+def cmd_umount(ns: argparse.Namespace) -> int:
+    result = call(ns, "umount", {"name": ns.name, "force": ns.force})
+    return emit(ns, result, lambda r: f"unmounted {r['name']}")
+
+
+def domain_args(ns: argparse.Namespace) -> dict[str, Any]:
+    return {"name": ns.name, "volume": ns.volume, "mode": ns.mode, "init": ns.init,
+            "args": ns.arg or [], "memory": ns.memory, "vcpus": ns.vcpus,
+            "release_host_view": getattr(ns, "release_host_view", False)}
+
+
+def cmd_domain_start(ns: argparse.Namespace) -> int:
+    result = call(ns, "domain-start", domain_args(ns))
+    return emit(ns, result, lambda r: f"started {r['name']} on {r['rootfs']} ({r['mode']} mode)")
+
+
+def cmd_domain_stop(ns: argparse.Namespace) -> int:
+    result = call(ns, "domain-stop", {"name": ns.name})
+    return emit(ns, result, lambda r: f"stopped {r['name']}" if r["stopped"]
+                else f"no domain {r['name']}")
+
+
+def cmd_domain_ls(ns: argparse.Namespace) -> int:
+    result = call(ns, "domain-list")
+    return emit(ns, result, lambda r: table(("NAME", "STATE", "VOLUME", "MODE"),
+                                            [[d["name"], d["state"], d["volume"], d["mode"]]
+                                             for d in r]))
+
+
+def cmd_domain_xml(ns: argparse.Namespace) -> int:
+    result = call(ns, "domain-xml", domain_args(ns))
+    print(result["xml"])
+    return 0
+
+
+def cmd_metrics(ns: argparse.Namespace) -> int:
+    sys.stdout.write(call(ns, "metrics")["text"])
+    return 0
+
+
+def cmd_install_hook(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.lxc.hook import install_hook
+    outcome = install_hook(Path(ns.hooks_dir), ns.socket, chain=not ns.no_chain)
+    print(f"libvirt lxc hook {outcome} in {ns.hooks_dir}")
+    return 0
+
+
+def add_domain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+    p.add_argument("--volume", required=True)
+    p.add_argument("--mode", choices=["bind", "fuse"], default="bind")
+    p.add_argument("--init", default="/sbin/init")
+    p.add_argument("--arg", action="append", help="argument for init (repeatable)")
+    p.add_argument("--memory", type=int, default=128, help="MiB")
+    p.add_argument("--vcpus", type=int, default=1)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="gatewayctl", description="storage-gateway admin CLI")
     parser.add_argument("--socket", default=None,
@@ -167,13 +249,51 @@ def build_parser() -> Parser:
     p.add_argument("--format", required=True, choices=["raw", "qcow2"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_probe_image)
-    for extend in EXTENSIONS:
-        extend(sub)
+    for name, fn, help_text in (("export", cmd_export, "export a volume over NBD"),
+                                ("unexport", cmd_unexport, "remove a volume's NBD export"),
+                                ("probe", cmd_probe, "probe a volume through its export")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("name")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("mount", help="mount a volume's rootfs at RUN_DIR/rootfs/NAME")
+    p.add_argument("name")
+    p.add_argument("--mode", choices=["bind", "fuse"], default="bind")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_mount)
+    p = sub.add_parser("umount", help="tear a volume's rootfs mount down")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="lazy umount if busy")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_umount)
+
+    domain = sub.add_parser("domain", help="libvirt-lxc domains on gateway rootfs").add_subparsers(
+        dest="domain_command", required=True, parser_class=Parser)
+    p = domain.add_parser("start", help="mount the volume, define and start the domain")
+    add_domain_options(p)
+    p.add_argument("--release-host-view", action="store_true",
+                   help="drop the host's view of the rootfs once the container runs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_domain_start)
+    p = domain.add_parser("stop", help="destroy the domain and tear its mount down")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_domain_stop)
+    p = domain.add_parser("ls", help="list gateway domains")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_domain_ls)
+    p = domain.add_parser("xml", help="print the domain XML without starting anything")
+    add_domain_options(p)
+    p.set_defaults(fn=cmd_domain_xml)
+
+    p = sub.add_parser("metrics", help="Prometheus text exposition")
+    p.set_defaults(fn=cmd_metrics)
+    p = sub.add_parser("install-hook", help="install the libvirt lxc hook")
+    p.add_argument("--hooks-dir", default="/etc/libvirt/hooks")
+    p.add_argument("--no-chain", action="store_true",
+                   help="refuse instead of chaining to an existing foreign hook")
+    p.set_defaults(fn=cmd_install_hook)
     return parser
-
-
-# Further command groups register here (see the modules that append to it).
-EXTENSIONS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

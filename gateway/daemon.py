@@ -13,10 +13,17 @@ from pathlib import Path
 import trio
 
 from gateway import log as gwlog
+from gateway.attachment import prepare_rootfs_root
 from gateway.catalog import Catalog
 from gateway.config import Settings, parse_roots
+from gateway.domains import watch_domains
 from gateway.errors import first_gateway_error
+from gateway.exports import Exports
+from gateway.fuse.blockview import BlockView
 from gateway.log import fields
+from gateway.metrics import Metrics
+from gateway.nbd.qsd import StorageDaemon
+from gateway.rootfs import RootfsManager, reconcile_all
 from gateway.server import AccessPolicy, AdminServer
 from gateway.service import Gateway
 
@@ -43,20 +50,68 @@ async def serve(settings: Settings) -> None:
     gateway = Gateway(settings, catalog)
     policy = AccessPolicy(settings.admin_group)
     try:
+        await reconcile(gateway)
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await start_components(gateway, nursery)
                 await nursery.start(AdminServer(settings.admin_socket, gateway.handle, policy).run)
+                if settings.libvirt_uri:
+                    await nursery.start(watch_domains, gateway)
                 log.info("gatewayd ready", extra=fields(socket=str(settings.admin_socket),
                                                         catalog=str(settings.catalog_path)))
                 notify_systemd("READY=1")
                 async for signum in signals:
                     log.info("shutting down", extra=fields(signal=signal.Signals(signum).name))
                     notify_systemd("STOPPING=1")
+                    with trio.move_on_after(60):
+                        await gateway.rootfs.unmount_all()
+                        await gateway.exports.close_all()
                     nursery.cancel_scope.cancel()
                     break
     finally:
         catalog.close()
     log.info("gatewayd stopped")
+
+
+async def reconcile(gateway: Gateway) -> None:
+    """Before anything starts: tear down what a crashed gatewayd left behind."""
+    journals = [(r.volume, r.steps) for r in gateway.catalog.attachments()]
+    report = await trio.to_thread.run_sync(reconcile_all, gateway.settings.run_dir, journals)
+    for name, steps in journals:
+        if any(step == "export" and detail.get("auto") for step, detail in steps):
+            gateway.catalog.set_exported(name, False)  # the mount made that export
+        gateway.catalog.end_attachment(name)
+    found = sum(len(v["found"]) for v in report["volumes"].values()) + len(report["sweep"]["found"])
+    done = sum(len(v["done"]) for v in report["volumes"].values()) + len(report["sweep"]["done"])
+    report["found"] = found
+    report["cleaned"] = done
+    gateway.reconcile_report = report
+    if found:
+        log.warning("reconciled leftovers of a previous run",
+                    extra=fields(found=found, cleaned=done, volumes=sorted(report["volumes"])))
+
+
+async def start_components(gateway: Gateway, nursery: trio.Nursery) -> None:
+    """Block view, then QSD, then the shared rootfs root, then exports the catalog remembers."""
+    run_dir = gateway.settings.run_dir
+    view = BlockView()
+    (run_dir / "blk").mkdir(exist_ok=True)
+    await nursery.start(view.run, run_dir / "blk")
+    holder: list[Exports] = []
+    qsd = StorageDaemon(run_dir, lambda: holder[0].desired() if holder else [])
+    exports = Exports(gateway.catalog, qsd, view, nursery)
+    holder.append(exports)
+    await nursery.start(qsd.run)
+    await trio.to_thread.run_sync(prepare_rootfs_root, run_dir)
+    rootfs = RootfsManager(run_dir, gateway.catalog, exports, view, gateway.lock, nursery)
+    gateway.attach_components(qsd, exports, rootfs)
+    metrics = Metrics(lambda: len(gateway.catalog.volumes()), lambda: len(exports.active),
+                      lambda: len(rootfs.active))
+    metrics.leftovers_found.inc(gateway.reconcile_report.get("found", 0))
+    metrics.leftovers_cleaned.inc(gateway.reconcile_report.get("cleaned", 0))
+    rootfs.on_phase.append(metrics.observe_phase)
+    gateway.metrics = metrics
+    await exports.restore()
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -74,11 +129,15 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--log-level", default=defaults.log_level,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
                                  "error"])
+    parser.add_argument("--libvirt-uri", default=defaults.libvirt_uri,
+                        help="libvirt connection whose domain events gatewayd follows "
+                             "(env GATEWAY_LIBVIRT_URI; empty to disable)")
     ns = parser.parse_args(argv)
     roots = (parse_roots(ns.allowed_roots) if ns.allowed_roots is not None
              else defaults.allowed_roots)
     return Settings(state_dir=ns.state_dir.absolute(), run_dir=ns.run_dir.absolute(),
-                    admin_group=ns.admin_group, allowed_roots=roots, log_level=ns.log_level)
+                    admin_group=ns.admin_group, allowed_roots=roots, log_level=ns.log_level,
+                    libvirt_uri=ns.libvirt_uri)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,17 +10,23 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from gateway import volumes
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.errors import Conflict, InvalidArgument
+from gateway.errors import BackendError, Conflict, GatewayError, InvalidArgument
 from gateway.log import fields
 from gateway.protocol import PROTOCOL_VERSION, Request
 from gateway.server import Peer
+
+if TYPE_CHECKING:
+    from gateway.exports import Exports
+    from gateway.metrics import Metrics
+    from gateway.nbd.qsd import StorageDaemon
+    from gateway.rootfs import RootfsManager
 
 log = logging.getLogger("gateway.service")
 VERSION = "0.1.0"
@@ -44,12 +50,40 @@ def arg_bool(args: dict[str, Any], key: str) -> bool:
 
 
 class Gateway:
+    """The daemon's state: the catalog plus the running components (set by gateway.daemon)."""
+
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
         self.catalog = catalog
         self.started = time.monotonic()
         # One lock per volume: requests for one volume are serialised, volumes proceed in parallel.
         self._locks: dict[str, trio.Lock] = {}
+        self.qsd: StorageDaemon | None = None
+        self._exports: Exports | None = None
+        self._rootfs: RootfsManager | None = None
+        self.libvirt_uri = settings.libvirt_uri
+        self.libvirt_connected = False
+        self.domain_volumes: dict[str, str] = {}
+        self.reconcile_report: dict[str, Any] = {}
+        self.metrics: Metrics | None = None
+
+    @property
+    def exports(self) -> Exports:
+        if self._exports is None:
+            raise BackendError("the export engine is not running")
+        return self._exports
+
+    @property
+    def rootfs(self) -> RootfsManager:
+        if self._rootfs is None:
+            raise BackendError("rootfs delivery is not running")
+        return self._rootfs
+
+    def attach_components(self, qsd: StorageDaemon, exports: Exports,
+                          rootfs: RootfsManager) -> None:
+        self.qsd = qsd
+        self._exports = exports
+        self._rootfs = rootfs
 
     def lock(self, name: str) -> trio.Lock:
         return self._locks.setdefault(name, trio.Lock())
@@ -59,24 +93,44 @@ class Gateway:
         if fn is None:
             raise InvalidArgument(f"unknown op {request.op!r}")
         log.debug("request", extra=fields(op=request.op, uid=peer.uid, pid=peer.pid))
-        return await fn(self, request.args)
+        if self.metrics is not None:
+            self.metrics.requests.labels(request.op).inc()
+        try:
+            return await fn(self, request.args)
+        except GatewayError as exc:
+            if self.metrics is not None:
+                self.metrics.errors.labels(exc.code).inc()
+            raise
 
     def volume_json(self, name: str) -> dict[str, Any]:
-        return self.catalog.volume(name).to_json()
+        out = self.catalog.volume(name).to_json()
+        export = self._exports.active.get(name) if self._exports is not None else None
+        out["exported"] = export is not None
+        out["uri"] = export.uri if export is not None else None
+        out["attachment"] = self._rootfs.attachment_of(name) if self._rootfs else None
+        return out
 
 
 @op("status")
 async def status(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+    qsd = gw.qsd.health() if gw.qsd is not None else None
+    healthy = qsd is not None and bool(qsd.get("ready"))
+    attachments = gw.catalog.attachments()
     return {
         "protocol": PROTOCOL_VERSION,
         "version": VERSION,
         "pid": os.getpid(),
         "uptime": round(time.monotonic() - gw.started, 3),
-        "healthy": True,
+        "healthy": healthy,
         "state_dir": str(gw.settings.state_dir),
         "run_dir": str(gw.settings.run_dir),
         "catalog_schema": gw.catalog.version,
         "volumes": len(gw.catalog.volumes()),
+        "exports": len(gw._exports.active) if gw._exports is not None else 0,
+        "mounts": sum(1 for a in attachments if a.state == "mounted"),
+        "qsd": qsd,
+        "libvirt": {"uri": gw.libvirt_uri or None, "connected": gw.libvirt_connected},
+        "reconcile": gw.reconcile_report,
     }
 
 
@@ -108,8 +162,63 @@ async def volume_remove(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     name = volumes.check_name(args.get("name"))
     async with gw.lock(name):
         gw.catalog.volume(name)
+        if gw.catalog.attachment(name) is not None:
+            raise Conflict(f"volume {name} is mounted; umount it first")
         if name in gw.catalog.exported():
             raise Conflict(f"volume {name} is exported; unexport it first")
         gw.catalog.remove_volume(name)
     log.info("volume removed", extra=fields(volume=name))
     return {"name": name, "removed": True}
+
+
+@op("export")
+async def export(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+    name = volumes.check_name(args.get("name"))
+    async with gw.lock(name):
+        result = await gw.exports.open(name)
+    return {"name": name, "uri": result.uri}
+
+
+@op("unexport")
+async def unexport(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+    name = volumes.check_name(args.get("name"))
+    async with gw.lock(name):
+        gw.catalog.volume(name)
+        if gw.catalog.attachment(name) is not None:
+            raise Conflict(f"volume {name} is mounted; umount it first")
+        await gw.exports.close(name)
+    return {"name": name, "exported": False}
+
+
+@op("probe")
+async def probe(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+    from gateway.probe import probe_reader_async
+    name = volumes.check_name(args.get("name"))
+    gw.catalog.volume(name)
+    backend = gw.exports.get(name).backend
+    result = await probe_reader_async(backend.read_at, backend.size)
+    return result.to_json()
+
+
+@op("mount")
+async def mount(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+    name = volumes.check_name(args.get("name"))
+    mode = args.get("mode") or "bind"
+    if not isinstance(mode, str):
+        raise InvalidArgument("mode must be bind or fuse")
+    return await gw.rootfs.mount(name, mode)
+
+
+@op("umount")
+async def umount(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+    name = volumes.check_name(args.get("name"))
+    return await gw.rootfs.umount(name, force=arg_bool(args, "force"))
+
+
+@op("metrics")
+async def metrics(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+    if gw.metrics is None:
+        raise BackendError("metrics are not available yet")
+    if gw.qsd is not None:
+        gw.metrics.qsd_restarts.set(gw.qsd.restarts)
+    return {"text": gw.metrics.render()}

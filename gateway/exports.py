@@ -1,0 +1,191 @@
+"""Exports: a volume served by the supervised qemu-storage-daemon, read by the gateway itself.
+
+An exported volume has three parts: a named NBD export in QSD (with the catalog's pinned format),
+one libnbd connection the gateway holds, and a `disk` file in the FUSE block view. The catalog
+remembers which volumes are exported, so QSD (after a crash) and gatewayd (after a restart)
+re-create them.
+
+`VolumeBackend` is what the block view and the probe read through. When QSD restarts, its
+connection drops; the next request waits for QSD to be ready again, reconnects once and retries,
+so a loop device over the block view sees a short stall instead of an I/O error.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import trio
+
+from gateway.catalog import Catalog, Volume
+from gateway.errors import BackendError, Conflict, NotFound
+from gateway.log import fields
+from gateway.nbd.client import NBDClient, NBDError
+from gateway.nbd.nodes import ExportSpec
+from gateway.nbd.qsd import StorageDaemon
+
+if TYPE_CHECKING:
+    from gateway.fuse.blockview import BlockView
+
+log = logging.getLogger("gateway.exports")
+RECONNECT_TIMEOUT = 15.0
+
+
+def spec_of(volume: Volume) -> ExportSpec:
+    fmt: Literal["raw", "qcow2"] = "qcow2" if volume.format == "qcow2" else "raw"
+    return ExportSpec(name=volume.name, path=volume.path, fmt=fmt, read_only=volume.read_only,
+                      block_device=volume.block_device)
+
+
+class VolumeBackend:
+    """The gateway's connection to one export, reconnecting across QSD restarts."""
+
+    def __init__(self, client: NBDClient, qsd: StorageDaemon) -> None:
+        self.client = client
+        self.qsd = qsd
+        self._reconnecting = trio.Lock()
+        self.reconnects = 0
+
+    @property
+    def size(self) -> int:
+        return self.client.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.client.read_only
+
+    async def _recover(self, failed: NBDError) -> None:
+        if self.client.connected:
+            raise failed  # the request itself failed; the connection is fine
+        async with self._reconnecting:
+            if self.client.connected:
+                return
+            try:
+                with trio.fail_after(RECONNECT_TIMEOUT):
+                    await self.qsd.wait_ready(RECONNECT_TIMEOUT)
+                    await self.client.reconnect()
+            except (trio.TooSlowError, BackendError) as exc:
+                raise NBDError(f"nbd: {self.client.label}: reconnect failed after "
+                               f"{failed.message}", errno=errno.EIO) from exc
+            self.reconnects += 1
+            log.info("reconnected to export", extra=fields(volume=self.client.export_name))
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        try:
+            return await self.client.read_at(offset, length)
+        except NBDError as exc:
+            await self._recover(exc)
+            return await self.client.read_at(offset, length)
+
+    async def write_at(self, offset: int, data: bytes) -> None:
+        try:
+            await self.client.write_at(offset, data)
+        except NBDError as exc:
+            await self._recover(exc)
+            await self.client.write_at(offset, data)
+
+    async def flush(self) -> None:
+        try:
+            await self.client.flush()
+        except NBDError as exc:
+            await self._recover(exc)
+            await self.client.flush()
+
+
+@dataclass
+class Export:
+    volume: str
+    uri: str
+    backend: VolumeBackend
+
+
+class Exports:
+    """Owns QSD's exports and the gateway's own connections to them."""
+
+    def __init__(self, catalog: Catalog, qsd: StorageDaemon, view: BlockView,
+                 nursery: trio.Nursery) -> None:
+        self.catalog = catalog
+        self.qsd = qsd
+        self.view = view
+        self.nursery = nursery
+        self.active: dict[str, Export] = {}
+
+    def desired(self) -> list[ExportSpec]:
+        """What QSD must export (read by QSD's supervisor when it restarts)."""
+        specs = []
+        for name in self.catalog.exported():
+            try:
+                specs.append(spec_of(self.catalog.volume(name)))
+            except NotFound:
+                continue
+        return specs
+
+    def get(self, name: str) -> Export:
+        export = self.active.get(name)
+        if export is None:
+            raise Conflict(f"volume {name} is not exported; run gatewayctl export {name}")
+        return export
+
+    async def open(self, name: str) -> Export:
+        """Export a volume and connect to it (idempotent). Caller holds the volume lock."""
+        if name in self.active:
+            return self.active[name]
+        volume = self.catalog.volume(name)
+        uri = await self.qsd.export(spec_of(volume))
+        try:
+            client = await NBDClient.connect(str(self.qsd.nbd_path), name, nursery=self.nursery)
+            try:
+                backend = VolumeBackend(client, self.qsd)
+                self.view.add_volume(name, backend)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+                raise
+            self.catalog.set_exported(name, True)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.qsd.unexport(name, missing_ok=True, force=True)
+            raise
+        export = Export(name, uri, backend)
+        self.active[name] = export
+        log.info("volume exported", extra=fields(volume=name, uri=uri))
+        return export
+
+    async def close(self, name: str, *, forget: bool = True) -> bool:
+        """Disconnect and remove an export (idempotent); `forget` also clears the catalog."""
+        export = self.active.get(name)
+        if export is None:
+            if forget:
+                self.catalog.set_exported(name, False)
+            await self.qsd.unexport(name, missing_ok=True)
+            return False
+        await self.view.remove_volume(name)
+        del self.active[name]
+        try:
+            await export.backend.flush()
+        finally:
+            await export.backend.client.aclose()
+            await self.qsd.unexport(name, missing_ok=True)
+            if forget:
+                self.catalog.set_exported(name, False)
+        log.info("volume unexported", extra=fields(volume=name))
+        return True
+
+    async def restore(self) -> None:
+        """Reconnect every export the catalog remembers (at start)."""
+        for name in self.catalog.exported():
+            try:
+                await self.open(name)
+            except Exception as exc:
+                log.error("could not restore export",
+                          extra=fields(volume=name, error=str(exc)))
+                self.catalog.set_exported(name, False)
+
+    async def close_all(self) -> None:
+        for name in list(self.active):
+            try:
+                await self.close(name, forget=False)
+            except Exception as exc:
+                log.error("closing export failed", extra=fields(volume=name, error=str(exc)))

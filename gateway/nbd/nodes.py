@@ -1,0 +1,153 @@
+"""Block-node graphs for an export, as pure QMP arguments (no I/O).
+
+Every volume becomes two explicitly named nodes, each added by its own `blockdev-add`:
+
+    format node  driver=raw|qcow2 (the pinned format, never probed)
+      `- protocol node  driver=file (host_device for block devices), locking=on
+
+qcow2 format nodes get `"backing": null`, so qemu never opens a file named inside the image.
+Read-only volumes get `read-only: true` on both nodes and `auto-read-only: false` (qemu must not
+silently fall back to read-only on a writable volume, nor upgrade a read-only one).
+
+Backing chains (later): a layer is built by `layer_commands(spec, backing_node)`; an overlay is
+built by first emitting its backing volume's layers (read-only) and then passing the backing's
+format node name as `backing_node`. `teardown_order` deletes top-down. Nothing else changes.
+
+Cache and AIO choice (bench/nbd_export.py on this host, qemu 7.2, 256 MiB, noisy 2-core VM):
+- default `cache.direct=off` (host page cache) with `aio=threads`. Measured sequential reads:
+  raw threads/off ~400 MiB/s, io_uring/off ~470, threads/direct ~380, native/direct ~180;
+  qcow2 runs scattered 170-400 MiB/s with no setting consistently ahead. O_DIRECT (needed for
+  `aio=native`) bypasses the page cache, so every read of a hot rootfs goes to disk, and file
+  systems without O_DIRECT (tmpfs) refuse to open. io_uring is accepted by qemu 7.2 but depends on
+  the host kernel and seccomp policy; threads works everywhere. `IOPolicy` lets a caller choose.
+- `cache.no-flush=off`: guest flushes reach the disk (writes flushed before a crash survive).
+- `discard=unmap` on writable volumes so NBD trim frees space; `detect-zeroes=off`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gateway.errors import InvalidArgument
+
+Format = Literal["raw", "qcow2"]
+FORMATS: tuple[Format, ...] = ("raw", "qcow2")
+VOLUME_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+# qemu's id_wellformed(): a letter first, then letters, digits, '-', '.', '_'; node names are
+# stored in a 32-byte buffer, so at most 31 characters.
+NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,30}")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    name: str
+    path: str
+    fmt: Format
+    read_only: bool
+    block_device: bool = False
+
+    def __post_init__(self) -> None:
+        if not VOLUME_NAME.fullmatch(self.name):
+            raise InvalidArgument(f"invalid volume name {self.name!r}")
+        if self.fmt not in FORMATS:
+            raise InvalidArgument(f"volume {self.name}: unknown format {self.fmt!r}")
+        if not self.path.startswith("/"):
+            raise InvalidArgument(f"volume {self.name}: path must be absolute: {self.path!r}")
+
+
+@dataclass(frozen=True)
+class IOPolicy:
+    aio: Literal["threads", "native", "io_uring"] = "threads"
+    direct: bool = False
+
+    def __post_init__(self) -> None:
+        if self.aio == "native" and not self.direct:
+            raise InvalidArgument("aio=native requires cache.direct=on")
+
+
+DEFAULT_IO = IOPolicy()
+
+
+@dataclass(frozen=True)
+class NodeNames:
+    fmt: str
+    proto: str
+    export_id: str
+
+
+def _short(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def node_names(spec: ExportSpec) -> NodeNames:
+    """Deterministic, always-valid qemu ids for a volume (volume names may start with a digit)."""
+    h = _short(spec.name)
+    names = NodeNames(fmt=f"gwf-{h}", proto=f"gwp-{h}", export_id=f"gwx-{h}")
+    assert all(NODE_NAME.fullmatch(n) for n in (names.fmt, names.proto, names.export_id))
+    return names
+
+
+def _common(read_only: bool, io: IOPolicy) -> dict[str, Any]:
+    return {
+        "read-only": read_only,
+        "auto-read-only": False,
+        "cache": {"direct": io.direct, "no-flush": False},
+        "discard": "ignore" if read_only else "unmap",
+        "detect-zeroes": "off",
+    }
+
+
+def protocol_args(spec: ExportSpec, io: IOPolicy = DEFAULT_IO) -> dict[str, Any]:
+    names = node_names(spec)
+    return {
+        "driver": "host_device" if spec.block_device else "file",
+        "node-name": names.proto,
+        "filename": spec.path,
+        "locking": "on",
+        "aio": io.aio,
+        **_common(spec.read_only, io),
+    }
+
+
+def format_args(spec: ExportSpec, io: IOPolicy = DEFAULT_IO,
+                backing_node: str | None = None) -> dict[str, Any]:
+    names = node_names(spec)
+    args: dict[str, Any] = {
+        "driver": spec.fmt,
+        "node-name": names.fmt,
+        "file": names.proto,
+        **_common(spec.read_only, io),
+    }
+    if spec.fmt == "qcow2":
+        args["backing"] = backing_node  # None -> JSON null: never open a header-named backing file
+    elif backing_node is not None:
+        raise InvalidArgument(f"volume {spec.name}: a raw volume cannot have a backing volume")
+    return args
+
+
+def layer_commands(spec: ExportSpec, io: IOPolicy = DEFAULT_IO,
+                   backing_node: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The blockdev-add commands for one volume, protocol node first."""
+    return [("blockdev-add", protocol_args(spec, io)),
+            ("blockdev-add", format_args(spec, io, backing_node))]
+
+
+def export_args(spec: ExportSpec) -> dict[str, Any]:
+    names = node_names(spec)
+    return {
+        "type": "nbd",
+        "id": names.export_id,
+        "node-name": names.fmt,
+        "name": spec.name,
+        "writable": not spec.read_only,
+        "description": f"storage-gateway volume {spec.name} ({spec.fmt})",
+    }
+
+
+def teardown_order(spec: ExportSpec) -> list[str]:
+    """Node names to blockdev-del, top-down."""
+    names = node_names(spec)
+    return [names.fmt, names.proto]

@@ -1,0 +1,434 @@
+"""The supervised qemu-storage-daemon (QSD) that exports volumes over NBD on a Unix socket.
+
+    daemon = StorageDaemon(run_dir, desired=catalog.exported_specs)
+    await nursery.start(daemon.run)
+    uri = await daemon.export(spec)
+
+One QSD per gateway. Its command line holds only the QMP monitor and the pidfile: every node and
+export is added over QMP, with an explicit driver at every layer (see nodes.py), so nothing is
+ever format-probed. Everything sent is recorded in `argv` / `sent` for tests and audits.
+
+Restart: a death watcher waits on a pidfd; when QSD dies (or its QMP connection drops) a new QSD
+is started at once, the NBD server restarted on the same socket path, and every export from
+`desired()` plus every export made through `export()` is re-added. NBD clients see their
+connection drop and reconnect.
+
+Multi-conn: qemu 7.2 has no per-export multi-conn switch (it came in a later qemu). Its NBD
+server advertises NBD_FLAG_CAN_MULTI_CONN on read-only exports iff the server's
+max-connections is not 1, and never on writable ones. Read-only exports are trivially safe for
+multi-conn. Writable exports would be safe as well (every connection to an export is served by
+the same block node in the same process, so one connection's flush covers writes acknowledged
+on any other), but 7.2 cannot say so; clients therefore use one connection for writable volumes.
+We leave max-connections unlimited, which is what keeps multi-conn on for read-only exports.
+
+Export teardown: block-export-del (mode safe: refused while clients are connected, unless
+force=True), wait for BLOCK_EXPORT_DELETED, then blockdev-del of the nodes, top-down.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gateway import command
+from gateway.errors import (
+    BackendError,
+    CommandError,
+    Conflict,
+    FormatError,
+    InvalidArgument,
+    NotFound,
+)
+from gateway.nbd.nodes import (
+    DEFAULT_IO,
+    ExportSpec,
+    IOPolicy,
+    export_args,
+    layer_commands,
+    node_names,
+    teardown_order,
+)
+from gateway.nbd.qmp import Event, QMPError
+from gateway.nbd.qmp_trio import QMPClient, Sent
+
+QSD_BINARY = "qemu-storage-daemon"
+START_TIMEOUT = 10.0
+MAX_UNIX_PATH = 107
+
+
+class QSDError(BackendError):
+    """qemu-storage-daemon could not be started or stopped."""
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+async def _wait_pidfd(pidfd: int, timeout: float) -> bool:
+    """True once the process behind `pidfd` has exited, False on timeout."""
+    with trio.move_on_after(timeout):
+        await trio.lowlevel.wait_readable(pidfd)
+        return True
+    return False
+
+
+def map_qmp_error(spec: ExportSpec, exc: QMPError) -> Exception:
+    desc = exc.desc
+    low = desc.lower()
+    who = f"volume {spec.name}"
+    if "lock" in low:
+        return Conflict(f"{who}: {spec.path} is in use (qemu image lock): {desc}")
+    if "no such file" in low:
+        return NotFound(f"{who}: {spec.path} not found: {desc}")
+    if "not in qcow2 format" in low or ("unsupported" in low and spec.fmt == "qcow2"):
+        return FormatError(f"{who}: not a usable {spec.fmt} image: {desc}")
+    return exc
+
+
+class StorageDaemon:
+    def __init__(self, run_dir: Path, desired: Callable[[], Iterable[ExportSpec]], *,
+                 io: IOPolicy = DEFAULT_IO, binary: str = QSD_BINARY,
+                 restart: bool = True) -> None:
+        self.run_dir = Path(run_dir).absolute()
+        self.desired = desired
+        self.io = io
+        self.binary = binary
+        self.restart = restart
+        self.qmp_path = self.run_dir / "qsd.qmp"
+        self.nbd_path = self.run_dir / "nbd.sock"
+        self.pid_path = self.run_dir / "qsd.pid"
+        self.log_path = self.run_dir / "qsd.log"
+        for p in (self.qmp_path, self.nbd_path):
+            if len(str(p).encode()) > MAX_UNIX_PATH:
+                raise InvalidArgument(f"storage daemon: socket path too long: {p}")
+        self.argv: list[str] = []
+        self.argvs: list[list[str]] = []
+        self.sent: Sent = []
+        self.events: collections.deque[Event] = collections.deque(maxlen=100)
+        self.generation = 0
+        self.restarts = 0
+        self.last_restart_seconds: float | None = None
+        self.failures: dict[str, str] = {}
+        self._specs: dict[str, ExportSpec] = {}
+        self._lock = trio.Lock()
+        self._ready = trio.Event()
+        self._qmp: QMPClient | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # ---- public API ----------------------------------------------------------------------------
+
+    def uri(self, name: str) -> str:
+        if name not in self._specs:
+            raise NotFound(f"volume {name} is not exported")
+        return f"nbd+unix:///{name}?socket={self.nbd_path}"
+
+    def exported(self) -> set[str]:
+        return set(self._specs)
+
+    def spec(self, name: str) -> ExportSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise NotFound(f"volume {name} is not exported") from None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ready": self._ready.is_set(),
+            "pid": self.pid,
+            "generation": self.generation,
+            "restarts": self.restarts,
+            "last_restart_seconds": self.last_restart_seconds,
+            "exports": sorted(self._specs),
+            "failures": dict(self.failures),
+            "socket": str(self.nbd_path),
+        }
+
+    async def wait_ready(self, timeout: float = START_TIMEOUT) -> QMPClient:
+        with trio.fail_after(timeout):
+            while True:
+                await self._ready.wait()
+                if self._qmp is not None:
+                    return self._qmp
+                await trio.sleep(0.01)
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[QMPClient]:
+        """The live QMP connection, with the export lock held (waits out a restart)."""
+        while True:
+            qmp = await self.wait_ready()
+            async with self._lock:
+                if self._qmp is qmp and self._ready.is_set():
+                    yield qmp
+                    return
+
+    async def export(self, spec: ExportSpec) -> str:
+        """Export a volume (idempotent for an identical spec); returns its NBD URI."""
+        async with self._session() as qmp:
+            current = self._specs.get(spec.name)
+            if current is not None:
+                if current != spec:
+                    raise Conflict(f"volume {spec.name} is already exported as {current.fmt} "
+                                   f"{'read-only' if current.read_only else 'writable'} "
+                                   f"from {current.path}")
+                return self.uri(spec.name)
+            self._check_sharing(spec)
+            await self._add(qmp, spec)
+            self._specs[spec.name] = spec
+            self.failures.pop(spec.name, None)
+            return self.uri(spec.name)
+
+    async def unexport(self, name: str, *, missing_ok: bool = False, force: bool = False) -> None:
+        """Remove an export and its nodes. force: drop connected clients (mode hard)."""
+        if name not in self._specs:
+            if missing_ok:
+                return
+            raise NotFound(f"volume {name} is not exported")
+        async with self._session() as qmp:
+            spec = self._specs.get(name)
+            if spec is None:
+                if missing_ok:
+                    return
+                raise NotFound(f"volume {name} is not exported")
+            await self._remove(qmp, spec, force=force)
+            del self._specs[name]
+
+    def _check_sharing(self, spec: ExportSpec) -> None:
+        """One file, one writer: qemu's image lock stops other processes, but inside one QSD
+        every export shares all permissions, so two raw nodes on one file would both write."""
+        try:
+            st = os.stat(spec.path)
+        except OSError:
+            return  # blockdev-add reports it
+        for other in self._specs.values():
+            if other.read_only and spec.read_only:
+                continue
+            try:
+                ost = os.stat(other.path)
+            except OSError:
+                continue
+            if (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino):
+                raise Conflict(f"volume {spec.name}: {spec.path} is in use by exported volume "
+                               f"{other.name} ({'read-only' if other.read_only else 'writable'}); "
+                               "a file can have one writer and no other user")
+
+    # ---- QMP steps -----------------------------------------------------------------------------
+
+    async def _add(self, qmp: QMPClient, spec: ExportSpec) -> None:
+        added: list[str] = []
+        try:
+            for cmd, args in layer_commands(spec, self.io):
+                await qmp.execute(cmd, args)
+                added.append(args["node-name"])
+            await qmp.execute("block-export-add", export_args(spec))
+        except QMPError as exc:
+            for node in reversed(added):
+                with contextlib.suppress(QMPError):
+                    await qmp.execute("blockdev-del", {"node-name": node})
+            raise map_qmp_error(spec, exc) from exc
+
+    async def _remove(self, qmp: QMPClient, spec: ExportSpec, *, force: bool) -> None:
+        export_id = node_names(spec).export_id
+        watcher = qmp.watch(lambda ev: ev.name == "BLOCK_EXPORT_DELETED"
+                            and ev.data.get("id") == export_id)
+        try:
+            try:
+                await qmp.execute("block-export-del",
+                                  {"id": export_id, "mode": "hard" if force else "safe"})
+            except QMPError as exc:
+                if "not found" in exc.desc.lower():
+                    watcher = None  # type: ignore[assignment]
+                elif "in use" in exc.desc.lower() or "connection" in exc.desc.lower():
+                    raise Conflict(f"volume {spec.name}: NBD clients still connected: "
+                                   f"{exc.desc}") from exc
+                else:
+                    raise
+            if watcher is not None:
+                with trio.fail_after(10):
+                    await watcher.wait()
+        finally:
+            if watcher is not None:
+                qmp.unwatch(watcher)
+        for node in teardown_order(spec):
+            try:
+                await qmp.execute("blockdev-del", {"node-name": node})
+            except QMPError as exc:
+                if "not found" not in exc.desc.lower() and "cannot find" not in exc.desc.lower():
+                    raise
+
+    # ---- supervision ---------------------------------------------------------------------------
+
+    def _argv(self) -> list[str]:
+        return [self.binary,
+                "--chardev", f"socket,id=gwqmp,path={self.qmp_path},server=on,wait=off",
+                "--monitor", "chardev=gwqmp,mode=control",
+                "--pidfile", str(self.pid_path)]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        await self._kill_stale()
+        started = False
+        backoff = 0.0
+        died_at: float | None = None
+        try:
+            while True:
+                born = trio.current_time()
+                try:
+                    async with self._generation() as lost:
+                        if died_at is not None:
+                            self.last_restart_seconds = trio.current_time() - died_at
+                        if not started:
+                            started = True
+                            task_status.started()
+                        await lost.wait()
+                except QSDError:
+                    if not started:
+                        raise
+                if not self.restart:
+                    raise QSDError("qemu-storage-daemon exited: " + _last_line(self.log_path))
+                died_at = trio.current_time()
+                self.restarts += 1
+                lived = died_at - born
+                backoff = 0.0 if lived > 5 else min(max(backoff * 2, 0.05), 5.0)
+                if backoff and self.restarts > 1:
+                    await trio.sleep(backoff)
+        finally:
+            self._ready = trio.Event()
+            self._qmp = None
+
+    @contextlib.asynccontextmanager
+    async def _generation(self) -> AsyncIterator[trio.Event]:
+        for p in (self.qmp_path, self.nbd_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        argv = self._argv()
+        self.argv = argv
+        self.argvs.append(argv)
+        try:
+            proc = command.spawn(argv, stderr_path=str(self.log_path))
+        except CommandError as exc:
+            raise QSDError(exc.message) from exc
+        self._proc = proc
+        self.generation += 1
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            async with trio.open_nursery() as nursery:
+                lost = trio.Event()
+
+                async def watch_death() -> None:
+                    await trio.lowlevel.wait_readable(pidfd)
+                    lost.set()
+
+                nursery.start_soon(watch_death)
+                await self._wait_socket(proc)
+                async with QMPClient.connect(str(self.qmp_path), sent=self.sent,
+                                             on_event=self.events.append,
+                                             name="qemu-storage-daemon",
+                                             retry_for=START_TIMEOUT) as qmp:
+
+                    async def watch_qmp() -> None:
+                        await qmp.closed.wait()
+                        lost.set()
+
+                    nursery.start_soon(watch_qmp)
+                    await qmp.execute("nbd-server-start", {
+                        "addr": {"type": "unix", "data": {"path": str(self.nbd_path)}}})
+                    async with self._lock:
+                        await self._readd(qmp)
+                        self._qmp = qmp
+                        self._ready.set()
+                    try:
+                        yield lost
+                    finally:
+                        self._ready = trio.Event()
+                        self._qmp = None
+                nursery.cancel_scope.cancel()
+        except BackendError as exc:
+            if isinstance(exc, QSDError):
+                raise
+            raise QSDError(f"qemu-storage-daemon: {exc.message}") from exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop(proc, pidfd)
+
+    async def _readd(self, qmp: QMPClient) -> None:
+        wanted = dict(self._specs)
+        for spec in self.desired():
+            wanted[spec.name] = spec
+        self._specs.clear()
+        for spec in wanted.values():
+            try:
+                await self._add(qmp, spec)
+            except (QMPError, Conflict, NotFound, FormatError) as exc:
+                self.failures[spec.name] = str(exc)
+                continue
+            self._specs[spec.name] = spec
+
+    async def _wait_socket(self, proc: subprocess.Popen[bytes]) -> None:
+        with trio.move_on_after(START_TIMEOUT):
+            while not self.qmp_path.exists():
+                if proc.poll() is not None:
+                    raise QSDError("qemu-storage-daemon exited at start: "
+                                   + _last_line(self.log_path))
+                await trio.sleep(0.002)
+            return
+        raise QSDError(f"qemu-storage-daemon: no QMP socket after {START_TIMEOUT:g}s")
+
+    async def _stop(self, proc: subprocess.Popen[bytes], pidfd: int) -> None:
+        try:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                if not await _wait_pidfd(pidfd, 3.0):
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await _wait_pidfd(pidfd, 5.0)
+            proc.wait(timeout=5)
+        finally:
+            trio.lowlevel.notify_closing(pidfd)
+            os.close(pidfd)
+            if self._proc is proc:
+                self._proc = None
+
+    async def _kill_stale(self) -> None:
+        """Kill a QSD left behind by a crashed gatewayd (its pidfile names our run dir's socket)."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            pid = 0
+        if pid > 0:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                cmdline = b""
+            if b"qemu-storage-daemon" in cmdline and str(self.qmp_path).encode() in cmdline:
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    pidfd = -1
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                if pidfd >= 0:
+                    try:
+                        if not await _wait_pidfd(pidfd, 5.0):
+                            raise QSDError(f"stale qemu-storage-daemon {pid} did not die")
+                    finally:
+                        os.close(pidfd)
+        for p in (self.qmp_path, self.nbd_path, self.pid_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()

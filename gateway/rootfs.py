@@ -1,0 +1,268 @@
+"""Rootfs attachments: a registered volume turned into RUN_DIR/rootfs/VOL for libvirt-lxc.
+
+mount: export the volume (if needed) -> probe its disk through the export -> pin or check the
+filesystem type -> expose the rootfs window in the block view -> bind mode (loop, kernel mount,
+bind) or fuse mode (fuse2fs). Every step is written to the catalog's journal before it is taken,
+so a gatewayd that starts after a crash knows what to tear down (`reconcile_all`).
+
+umount: verified teardown (umount, loop detach, fuse2fs exit), then the window closes, NBD is
+flushed, and an export the mount made itself is removed again.
+
+Blocking steps (mount(2), loop ioctls, fuse2fs start, anything that may read the block view) run in
+worker threads: the trio thread serves the block view's FUSE requests and must never wait on them.
+Each volume has its own lock; different volumes mount in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from gateway import attachment
+from gateway.catalog import Catalog
+from gateway.errors import GatewayError, InvalidArgument, ProbeError
+from gateway.log import fields
+from gateway.probe import probe_reader_async
+
+if TYPE_CHECKING:
+    from gateway.exports import Exports
+    from gateway.fuse.blockview import BlockView
+
+log = logging.getLogger("gateway.rootfs")
+MODES = ("bind", "fuse")
+FUSE_FSTYPES = ("ext2", "ext3", "ext4")
+
+
+@dataclass
+class Phases:
+    """Seconds spent in each mount phase (for metrics and the closing notes)."""
+
+    timings: dict[str, float]
+
+    def to_json(self) -> dict[str, float]:
+        return {k: round(v, 6) for k, v in self.timings.items()}
+
+
+class RootfsManager:
+    def __init__(self, run_dir: Path, catalog: Catalog, exports: Exports, view: BlockView,
+                 locks: Any, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.run_dir = run_dir
+        self.layout = attachment.RunLayout(run_dir)
+        self.catalog = catalog
+        self.exports = exports
+        self.view = view
+        self.locks = locks
+        self.active: dict[str, attachment.Attachment] = {}
+        self.last_phases: dict[str, dict[str, float]] = {}
+        self.on_phase: list[Any] = []  # callbacks (phase, seconds) for metrics
+
+    def attachment_of(self, name: str) -> dict[str, Any] | None:
+        record = self.catalog.attachment(name)
+        return None if record is None else record.to_json()
+
+    def _journal(self, name: str, token: trio.lowlevel.TrioToken) -> attachment.Journal:
+        def write(step: str, detail: dict[str, object]) -> None:
+            # Called from the worker thread: the catalog lives on the trio thread.
+            trio.from_thread.run_sync(self.catalog.journal, name, step, dict(detail),
+                                      trio_token=token)
+        return write
+
+    async def mount(self, name: str, mode: str) -> dict[str, Any]:
+        if mode not in MODES:
+            raise InvalidArgument(f"unknown mode {mode!r}: choose bind or fuse")
+        async with self.locks(name):
+            volume = self.catalog.volume(name)
+            record = self.catalog.attachment(name)
+            rootfs = str(self.layout.rootfs(name))
+            if record is not None and record.state == "mounted":
+                if record.mode != mode:
+                    raise InvalidArgument(f"volume {name} is already mounted in {record.mode} "
+                                          f"mode; umount it first")
+                return {"name": name, "rootfs": record.rootfs, "mode": record.mode}
+            if record is not None:
+                await self._teardown(name, force=False)
+            if mode == "fuse" and volume.fstype and volume.fstype not in FUSE_FSTYPES:
+                raise InvalidArgument(f"fuse mode serves ext2/3/4 only; volume {name} holds "
+                                      f"{volume.fstype}")
+            phases: dict[str, float] = {}
+            self.catalog.begin_attachment(name, mode, rootfs)
+            auto_export = name not in self.exports.active
+            try:
+                self.catalog.journal(name, "export", {"auto": auto_export})
+                t = time.perf_counter()
+                export = await self.exports.open(name)
+                phases["export"] = time.perf_counter() - t
+
+                t = time.perf_counter()
+                found = await probe_reader_async(export.backend.read_at, export.backend.size)
+                phases["probe"] = time.perf_counter() - t
+                fstype = found.rootfs.fs or "unknown"
+                if volume.fstype is not None and volume.fstype != fstype:
+                    raise ProbeError(f"volume {name}: the probe found {fstype} but the catalog "
+                                     f"pins {volume.fstype}; refusing to mount")
+                if mode == "fuse" and fstype not in FUSE_FSTYPES:
+                    raise InvalidArgument(f"fuse mode serves ext2/3/4 only; volume {name} "
+                                          f"holds {fstype}")
+                self.catalog.pin_fstype(name, fstype)
+
+                t = time.perf_counter()
+                self.view.set_window(name, found.rootfs.start, found.rootfs.size)
+                self.catalog.set_attachment(name, window=(found.rootfs.start, found.rootfs.size))
+                phases["window"] = time.perf_counter() - t
+
+                att = await self._attach(name, mode, fstype, volume.read_only, volume.nosuid,
+                                         volume.noexec, phases)
+                self.active[name] = att
+                self.catalog.set_attachment(name, state="mounted")
+                self._watch_fuse2fs(name, att)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._undo(name, auto_export)
+                raise
+        self.last_phases[name] = phases
+        for callback in self.on_phase:
+            for phase, seconds in phases.items():
+                callback(phase, seconds)
+        log.info("rootfs mounted", extra=fields(volume=name, mode=mode, fstype=fstype,
+                                                rootfs=rootfs, phases=Phases(phases).to_json()))
+        return {"name": name, "rootfs": rootfs, "mode": mode}
+
+    async def _attach(self, name: str, mode: str, fstype: str, read_only: bool, nosuid: bool,
+                      noexec: bool, phases: dict[str, float]) -> attachment.Attachment:
+        journal = self._journal(name, trio.lowlevel.current_trio_token())
+        started: dict[str, float] = {}
+
+        def timed(step: str, detail: dict[str, object]) -> None:
+            now = time.perf_counter()
+            if detail.get("phase") == "start":
+                started[step] = now
+            elif step in started:
+                phases[step] = now - started.pop(step)
+            journal(step, detail)
+
+        def work() -> attachment.Attachment:
+            if mode == "bind":
+                return attachment.attach_bind(self.run_dir, name, fstype, journal=timed,
+                                              read_only=read_only, nosuid=nosuid, noexec=noexec)
+            return attachment.attach_fuse(
+                self.run_dir, name, fstype, journal=timed, read_only=read_only, nosuid=nosuid,
+                noexec=noexec, stderr_path=str(self.run_dir / f"fuse2fs-{name}.log"))
+        return await trio.to_thread.run_sync(work)
+
+    async def _undo(self, name: str, auto_export: bool) -> None:
+        """Undo a failed mount: attach_* cleaned up after itself; close the window and export."""
+        try:
+            if name in self.view.volumes():
+                self.view.clear_window(name)
+            if auto_export:
+                await self.exports.close(name)
+        except GatewayError as exc:
+            log.error("cleanup after failed mount failed", extra=fields(volume=name,
+                                                                         error=exc.message))
+        finally:
+            self.catalog.end_attachment(name)
+
+    async def umount(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        async with self.locks(name):
+            self.catalog.volume(name)
+            if self.catalog.attachment(name) is None:
+                return {"name": name, "mounted": False}
+            await self._teardown(name, force=force)
+        log.info("rootfs unmounted", extra=fields(volume=name, force=force))
+        return {"name": name, "mounted": False}
+
+    async def _teardown(self, name: str, *, force: bool) -> None:
+        record = self.catalog.attachment(name)
+        att = self.active.pop(name, None)
+        if att is not None:
+            try:
+                await trio.to_thread.run_sync(lambda: attachment.detach(att, force=force))
+            except BaseException:
+                self.active[name] = att
+                raise
+        elif record is not None:
+            steps = record.steps
+            report = await trio.to_thread.run_sync(
+                lambda: attachment.reconcile(self.run_dir, name, steps))
+            if report.remaining:
+                raise attachment.TeardownIncomplete(name, report.remaining)
+        auto = any(step == "export" and detail.get("auto")
+                   for step, detail in (record.steps if record else ()))
+        if name in self.view.volumes():
+            self.view.clear_window(name)
+            export = self.exports.active.get(name)
+            if export is not None:
+                await export.backend.flush()
+        if auto:
+            await self.exports.close(name)
+        self.catalog.end_attachment(name)
+
+    def _watch_fuse2fs(self, name: str, att: attachment.Attachment) -> None:
+        """Notice a fuse2fs that dies on its own, and tear down what is left of its mount."""
+        pid = att.fuse2fs_pid
+        if pid is None:
+            return
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return
+
+        async def watch() -> None:
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                trio.lowlevel.notify_closing(pidfd)
+                os.close(pidfd)
+            if self.active.get(name) is not att:
+                return  # an ordinary teardown stopped it
+            log.error("fuse2fs exited on its own; tearing the mount down",
+                      extra=fields(volume=name, pid=pid))
+            self.catalog.set_attachment(name, state="failed")
+            try:
+                await self.umount(name, force=True)
+            except GatewayError as exc:
+                log.error("teardown after fuse2fs exit failed",
+                          extra=fields(volume=name, error=exc.message))
+
+        self.nursery.start_soon(watch)
+
+    async def release_host_view(self, name: str) -> None:
+        """nova's clean_lxc_namespace: drop the host's bind at RUN_DIR/rootfs/VOL once the
+        container runs; the container keeps its own copy of the mount."""
+        from gateway.lxc.hostview import release_host_view
+        async with self.locks(name):
+            path = self.layout.rootfs(name)
+            released = await trio.to_thread.run_sync(lambda: release_host_view(path))
+            self.catalog.journal(name, "host-view-released", {"path": str(path),
+                                                              "released": released})
+
+    async def unmount_all(self) -> None:
+        for name in list(self.active):
+            try:
+                await self.umount(name)
+            except GatewayError as exc:
+                log.error("umount at shutdown failed", extra=fields(volume=name,
+                                                                    error=exc.message))
+                try:
+                    await self.umount(name, force=True)
+                except GatewayError as exc2:
+                    log.error("forced umount failed", extra=fields(volume=name,
+                                                                   error=exc2.message))
+
+
+def reconcile_all(run_dir: Path, journals: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Blocking, before the block view is mounted: tear down what a crashed gatewayd left."""
+    summary: dict[str, Any] = {"volumes": {}, "sweep": {}}
+    for name, steps in journals:
+        report = attachment.reconcile(run_dir, name, steps)
+        summary["volumes"][name] = vars(report)
+    sweep = attachment.sweep(run_dir)
+    summary["sweep"] = vars(sweep)
+    return summary
