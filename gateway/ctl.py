@@ -7,6 +7,7 @@ without a daemon import what they need when they run.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -16,6 +17,9 @@ from typing import Any, NoReturn
 from gateway.errors import GatewayError
 
 Command = Callable[[argparse.Namespace], int]
+
+# Modules that add command groups: each has `register(subparsers)` and keeps its imports light.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 class Parser(argparse.ArgumentParser):
@@ -285,6 +289,9 @@ def build_parser() -> Parser:
     p = domain.add_parser("xml", help="print the domain XML without starting anything")
     add_domain_options(p)
     p.set_defaults(fn=cmd_domain_xml)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
 
     p = sub.add_parser("metrics", help="Prometheus text exposition")
     p.set_defaults(fn=cmd_metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -28,6 +29,9 @@ from gateway.server import AccessPolicy, AdminServer
 from gateway.service import Gateway
 
 log = logging.getLogger("gateway.daemon")
+
+# Modules whose @op functions the admin socket serves (imported for their registrations).
+OP_MODULES: tuple[str, ...] = ("gateway.service", "gateway.domains")
 
 
 def notify_systemd(message: str) -> None:
@@ -142,6 +146,8 @@ def parse_args(argv: list[str] | None) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
+    for module in OP_MODULES:
+        importlib.import_module(module)
     gwlog.setup(settings.log_level)
     try:
         trio.run(serve, settings)

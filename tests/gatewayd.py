@@ -29,7 +29,7 @@ class Daemon:
     def start(self, timeout: float = 30.0) -> None:
         argv = [str(BIN / "gatewayd"), "--state-dir", str(self.state_dir), "--run-dir",
                 str(self.run_dir), "--log-level", "debug", *self.extra_args]
-        log = open(self.log_path, "ab")  # noqa: SIM115
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                      env={**os.environ, **self.env})
         log.close()

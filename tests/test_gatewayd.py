@@ -92,7 +92,8 @@ def test_bad_input_gets_one_line_and_leaves_catalog_unchanged(
         ("volume", "add", "x", str(overlay), "--format", "qcow2"): "names a backing file",
         ("volume", "add", "keep", str(image_set.path("mbr", "raw")), "--format", "raw"):
             "volume keep already exists",
-        ("volume", "add", "other", str(raw), "--format", "raw"): "already registered as volume keep",
+        ("volume", "add", "other", str(raw), "--format", "raw"):
+            "already registered as volume keep",
         ("volume", "add", "Bad/..", str(raw), "--format", "raw"): "invalid volume name",
         ("volume", "add", "..", str(raw), "--format", "raw"): "invalid volume name",
         ("volume", "add", "x", "relative.raw", "--format", "raw"): "must be absolute",

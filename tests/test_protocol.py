@@ -7,8 +7,17 @@ import json
 import pytest
 
 from gateway.protocol import (
-    MAX_LINE, NEED_DATA, BadRequest, ClientConnection, Closed, ConnectionFailed, ProtocolError,
-    Request, Response, ServerConnection, State,
+    MAX_LINE,
+    NEED_DATA,
+    BadRequest,
+    ClientConnection,
+    Closed,
+    ConnectionFailed,
+    ProtocolError,
+    Request,
+    Response,
+    ServerConnection,
+    State,
 )
 
 
