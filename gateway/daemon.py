@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import logging
 import os
@@ -18,7 +19,7 @@ from gateway.attachment import prepare_rootfs_root
 from gateway.catalog import Catalog
 from gateway.config import Settings, parse_roots
 from gateway.domains import watch_domains
-from gateway.errors import first_gateway_error
+from gateway.errors import GatewayError, first_gateway_error
 from gateway.exports import Exports
 from gateway.fuse.blockview import BlockView
 from gateway.log import fields
@@ -47,9 +48,25 @@ def notify_systemd(message: str) -> None:
             log.warning("sd_notify failed", extra=fields(error=str(exc)))
 
 
+def lock_run_dir(run_dir: Path) -> int:
+    """One gatewayd per run dir: an flock held for the daemon's lifetime (released on exit,
+    however it exits). Taken before anything touches the run dir."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o755)
+    fd = os.open(run_dir / "gatewayd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise GatewayError(f"another gatewayd is serving {run_dir / 'admin.sock'}",
+                           code="conflict") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 async def serve(settings: Settings) -> None:
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(settings.run_dir, 0o755)
+    lock_run_dir(settings.run_dir)
     catalog = Catalog(settings.catalog_path)
     gateway = Gateway(settings, catalog)
     policy = AccessPolicy(settings.admin_group)

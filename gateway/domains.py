@@ -139,8 +139,8 @@ async def watch_domains(gw: Gateway, *, task_status: trio.TaskStatus[None]
                 gw.libvirt_connected = True
                 log.info("following libvirt domain events", extra=fields(uri=gw.libvirt_uri))
                 await _consume(gw, events)
-        except BackendError as exc:
-            log.debug("libvirt not reachable", extra=fields(error=exc.message))
+        except* BackendError as group:
+            log.debug("libvirt not reachable", extra=fields(error=str(group.exceptions[0])))
         gw.libvirt_connected = False
         await trio.sleep(2.0)
 

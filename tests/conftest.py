@@ -19,10 +19,12 @@ def image_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageSet]:
 def gatewayd(tmp_path: Path) -> Iterator[Daemon]:
     """A running gatewayd with private state and run dirs, stopped (and checked) afterwards."""
     daemon = Daemon(state_dir=tmp_path / "state", run_dir=tmp_path / "run",
-                    log_path=tmp_path / "gatewayd.log")
+                    log_path=tmp_path / "gatewayd.log", extra_args=["--libvirt-uri", ""])
     daemon.start()
     try:
         yield daemon
     finally:
         code = daemon.stop()
+        leaked = daemon.cleanup()
         assert code == 0, f"gatewayd exited {code}:\n{daemon.log_tail()}"
+        assert not leaked, f"leaked: {leaked}"

@@ -64,6 +64,33 @@ class Daemon:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def leftovers(self) -> list[str]:
+        """Mounts under the run dir, loop devices on its files, processes started for it."""
+        from gateway import loopdev, mounts
+        found = [f"mount {m.mount_point}" for m in mounts.mounts_under(self.run_dir)]
+        found += [f"loop {d}" for d in loopdev.devices_backed_by(self.run_dir)]
+        for pid_dir in Path("/proc").iterdir():
+            if not pid_dir.name.isdigit():
+                continue
+            try:
+                cmdline = (pid_dir / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(self.run_dir).encode() in cmdline and b"gatewayctl" not in cmdline:
+                shown = cmdline.replace(b"\0", b" ")[:120].decode(errors="replace")
+                found.append(f"process {pid_dir.name}: {shown}")
+        return found
+
+    def cleanup(self) -> list[str]:
+        """Stop the daemon, release the shared rootfs root it prepared; return what leaked."""
+        from gateway.attachment import release_rootfs_root
+        self.stop()
+        leaked = [item for item in self.leftovers() if not item.endswith(
+            f"mount {self.run_dir / 'rootfs'}")]
+        if not leaked:
+            release_rootfs_root(self.run_dir)
+        return leaked
+
     def ctl(self, *args: str, timeout: float = 120.0, user: str | None = None,
             check: bool = False) -> subprocess.CompletedProcess[str]:
         argv = [str(BIN / "gatewayctl"), "--socket", str(self.socket), *args]

@@ -51,7 +51,7 @@ def group_daemon(users: None) -> Iterator[Daemon]:
     try:
         yield daemon
     finally:
-        assert daemon.stop() == 0
+        assert daemon.cleanup() == []
         subprocess.run(["rm", "-rf", str(top)], check=False)
 
 

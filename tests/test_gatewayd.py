@@ -125,7 +125,7 @@ def test_allowed_roots_refuse_outside_paths_and_symlinks(tmp_path: Path,
             assert "outside the allowed image roots" in line
         assert [v["name"] for v in volume_rows(daemon)] == ["ok"]
     finally:
-        assert daemon.stop() == 0
+        assert daemon.cleanup() == []
 
 
 def test_daemon_not_running_is_said_plainly(tmp_path: Path) -> None:
@@ -145,6 +145,7 @@ def test_sigint_and_sigterm_shut_down_in_order(tmp_path: Path) -> None:
         daemon = Daemon(state_dir=tmp_path / "s", run_dir=tmp_path / "r", log_path=tmp_path / "l")
         daemon.start()
         assert daemon.stop(sig) == 0
+        assert daemon.cleanup() == []
         assert not daemon.socket.exists()
         assert '"msg": "gatewayd stopped"' in daemon.log_path.read_text()
 
