@@ -19,7 +19,7 @@ from gateway.errors import GatewayError
 Command = Callable[[argparse.Namespace], int]
 
 # Modules that add command groups: each has `register(subparsers)` and keeps its imports light.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("gateway.lifecycle_cli", "gateway.systemd")
 
 
 class Parser(argparse.ArgumentParser):

@@ -32,7 +32,7 @@ from gateway.service import Gateway
 log = logging.getLogger("gateway.daemon")
 
 # Modules whose @op functions the admin socket serves (imported for their registrations).
-OP_MODULES: tuple[str, ...] = ("gateway.service", "gateway.domains")
+OP_MODULES: tuple[str, ...] = ("gateway.service", "gateway.domains", "gateway.lifecycle_ops")
 
 
 def notify_systemd(message: str) -> None:

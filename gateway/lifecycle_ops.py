@@ -1,0 +1,3 @@
+"""Admin ops for volume lifecycle (filled in by its owner)."""
+
+from __future__ import annotations
