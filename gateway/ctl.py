@@ -18,7 +18,8 @@ from gateway.errors import GatewayError
 
 Command = Callable[[argparse.Namespace], int]
 
-# Modules that add command groups: each has `register(subparsers)` and keeps its imports light.
+# Modules that add commands: each has `register(top, groups)` (argparse subparsers: the top level
+# and the "volume" and "domain" groups) and keeps its imports light.
 COMMAND_MODULES: tuple[str, ...] = ("gateway.lifecycle_cli", "gateway.systemd")
 
 
@@ -291,7 +292,7 @@ def build_parser() -> Parser:
     p.set_defaults(fn=cmd_domain_xml)
 
     for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
+        importlib.import_module(module).register(sub, {"volume": volume, "domain": domain})
 
     p = sub.add_parser("metrics", help="Prometheus text exposition")
     p.set_defaults(fn=cmd_metrics)

@@ -5,5 +5,5 @@ from __future__ import annotations
 from typing import Any
 
 
-def register(sub: Any) -> None:
+def register(top: Any, groups: dict[str, Any]) -> None:
     return None
