@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,7 +64,7 @@ def partition_fsck(image: Path, fmt: str, tmp: Path) -> subprocess.CompletedProc
         subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)],
                        check=True)
     probe = json.loads(subprocess.run(
-        [str(Path(os.sys.executable).parent / "gatewayctl"), "probe-image", "--format", "raw",
+        [str(Path(sys.executable).parent / "gatewayctl"), "probe-image", "--format", "raw",
          str(raw), "--json"], capture_output=True, text=True, check=True).stdout)
     part = tmp / "part.ext4"
     start, size = probe["rootfs"]["start"], probe["rootfs"]["size"]
