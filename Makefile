@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 APT_PACKAGES := qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit nbdfuse fuse3 \
 	libfuse3-dev fuse2fs libvirt-daemon libvirt-daemon-driver-lxc libvirt-clients libvirt-dev \
 	libparted-dev pkg-config busybox-static e2fsprogs xfsprogs btrfs-progs dosfstools fdisk gdisk \
-	squashfs-tools cryptsetup-bin lvm2 util-linux python3-venv python3-dev gcc clang \
+	squashfs-tools cryptsetup-bin lvm2 util-linux zstd python3-venv python3-dev gcc clang \
 	libclang-rt-14-dev procps
 PYTEST_ARGS ?=
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import AlreadyExists, GatewayError, NotFound
+from gateway.errors import AlreadyExists, Conflict, GatewayError, NotFound
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: volumes with their pinned format and header facts.
@@ -57,7 +57,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX attachment_steps_volume ON attachment_steps(volume);
     """,
+    # 3: how a volume was made (origin, its backing volume, the recorded lineage).
+    """
+    ALTER TABLE volumes ADD COLUMN origin TEXT NOT NULL DEFAULT 'registered';
+    ALTER TABLE volumes ADD COLUMN base TEXT REFERENCES volumes(name);
+    ALTER TABLE volumes ADD COLUMN lineage TEXT NOT NULL DEFAULT '{}';
+    CREATE INDEX volumes_base ON volumes(base);
+    """,
 )
+ORIGINS = ("registered", "overlay", "copy", "blank", "import", "pool")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -82,6 +90,11 @@ class Volume:
     created: str = field(default_factory=now)
     header: dict[str, Any] = field(default_factory=dict)
     fstype: str | None = None
+    # How the volume was made: origin in ORIGINS, the backing volume's name (overlays) and the
+    # recorded lineage (layers with their pinned formats, source, parameters).
+    origin: str = "registered"
+    base: str | None = None
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -89,6 +102,7 @@ class Volume:
             "virtual_size": self.virtual_size, "read_only": self.read_only,
             "block_device": self.block_device, "nosuid": self.nosuid, "noexec": self.noexec,
             "created": self.created, "header": self.header, "fstype": self.fstype,
+            "origin": self.origin, "base": self.base, "lineage": self.lineage,
         }
 
 
@@ -111,7 +125,7 @@ class AttachmentRecord:
 
 
 _VOLUME_COLUMNS = ("name, path, format, virtual_size, read_only, block_device, nosuid, noexec, "
-                   "created, header, fstype")
+                   "created, header, fstype, origin, base, lineage")
 
 
 def _volume(row: sqlite3.Row) -> Volume:
@@ -119,7 +133,8 @@ def _volume(row: sqlite3.Row) -> Volume:
                   virtual_size=row["virtual_size"], read_only=bool(row["read_only"]),
                   block_device=bool(row["block_device"]), nosuid=bool(row["nosuid"]),
                   noexec=bool(row["noexec"]), created=row["created"],
-                  header=json.loads(row["header"]), fstype=row["fstype"])
+                  header=json.loads(row["header"]), fstype=row["fstype"],
+                  origin=row["origin"], base=row["base"], lineage=json.loads(row["lineage"]))
 
 
 class Catalog:
@@ -192,12 +207,15 @@ class Catalog:
                                         f"{owner['name']}")
                 if db.execute("SELECT 1 FROM volumes WHERE name = ?", (volume.name,)).fetchone():
                     raise AlreadyExists(f"volume {volume.name} already exists")
+                if volume.origin not in ORIGINS:
+                    raise CatalogError(f"unknown volume origin {volume.origin!r}")
                 db.execute(
-                    f"INSERT INTO volumes ({_VOLUME_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO volumes ({_VOLUME_COLUMNS}) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (volume.name, volume.path, volume.format, volume.virtual_size,
                      int(volume.read_only), int(volume.block_device), int(volume.nosuid),
                      int(volume.noexec), volume.created, json.dumps(volume.header),
-                     volume.fstype))
+                     volume.fstype, volume.origin, volume.base, json.dumps(volume.lineage)))
         except sqlite3.Error as exc:
             raise CatalogError(f"catalog: {exc}") from exc
 
@@ -213,8 +231,35 @@ class Catalog:
 
     def remove_volume(self, name: str) -> None:
         with self.transaction() as db:
+            user = db.execute("SELECT name FROM volumes WHERE base = ? LIMIT 1",
+                              (name,)).fetchone()
+            if user is not None:
+                raise Conflict(f"volume {name} is the base of overlay {user['name']}; "
+                               "remove its overlays first")
             if db.execute("DELETE FROM volumes WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"no volume named {name}")
+
+    def overlays_of(self, name: str) -> list[str]:
+        """Volumes whose backing volume is `name`."""
+        return [r["name"] for r in
+                self._query("SELECT name FROM volumes WHERE base = ? ORDER BY name", (name,))]
+
+    def update_volume(self, name: str, *, read_only: bool | None = None,
+                      virtual_size: int | None = None,
+                      lineage: dict[str, Any] | None = None) -> None:
+        """Change a volume's mutable columns in one transaction."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM volumes WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"no volume named {name}")
+            if read_only is not None:
+                db.execute("UPDATE volumes SET read_only = ? WHERE name = ?",
+                           (int(read_only), name))
+            if virtual_size is not None:
+                db.execute("UPDATE volumes SET virtual_size = ? WHERE name = ?",
+                           (virtual_size, name))
+            if lineage is not None:
+                db.execute("UPDATE volumes SET lineage = ? WHERE name = ?",
+                           (json.dumps(lineage), name))
 
     def pin_fstype(self, name: str, fstype: str) -> None:
         with self.transaction() as db:

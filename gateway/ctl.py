@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidArgument
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -83,9 +83,19 @@ def volume_row(v: dict[str, Any]) -> list[Any]:
 
 
 def cmd_volume_add(ns: argparse.Namespace) -> int:
-    result = call(ns, "volume-add", {"name": ns.name, "path": ns.path, "format": ns.format,
-                                     "read_only": ns.read_only, "nosuid": ns.nosuid,
-                                     "noexec": ns.noexec})
+    flags = {"read_only": ns.read_only, "nosuid": ns.nosuid, "noexec": ns.noexec}
+    if ns.pool or ns.vol:
+        if ns.path or ns.format or not (ns.pool and ns.vol):
+            raise InvalidArgument("give either PATH --format F, or --pool POOL --vol VOL "
+                                  "(the pool volume's XML pins the format)")
+        args = {"name": ns.name, "pool": ns.pool, "vol": ns.vol, "uri": ns.uri, **flags}
+        result = call(ns, "volume-add-pool", args)
+    else:
+        if not ns.path or not ns.format:
+            raise InvalidArgument("PATH and --format raw|qcow2 are required "
+                                  "(or --pool POOL --vol VOL)")
+        result = call(ns, "volume-add", {"name": ns.name, "path": ns.path, "format": ns.format,
+                                         **flags})
     return emit(ns, result, lambda r: f"added {r['name']} ({r['format']}, "
                                       f"{size_text(r['virtual_size'])}) from {r['path']}")
 
@@ -102,7 +112,7 @@ def cmd_volume_show(ns: argparse.Namespace) -> int:
     def human(v: dict[str, Any]) -> str:
         pairs: list[tuple[str, Any]] = [(k, v.get(k)) for k in (
             "name", "path", "format", "virtual_size", "read_only", "nosuid", "noexec", "fstype",
-            "created", "exported", "uri")]
+            "created", "origin", "base", "overlays", "exported", "uri")]
         attachment = v.get("attachment")
         pairs.append(("attachment", None if not attachment else
                       f"{attachment['mode']} at {attachment['rootfs']} ({attachment['state']})"))
@@ -230,8 +240,12 @@ def build_parser() -> Parser:
         dest="volume_command", required=True, parser_class=Parser)
     p = volume.add_parser("add", help="register an image with a pinned format")
     p.add_argument("name")
-    p.add_argument("path")
-    p.add_argument("--format", required=True, help="raw or qcow2 (never guessed)")
+    p.add_argument("path", nargs="?")
+    p.add_argument("--format", help="raw or qcow2 (never guessed)")
+    p.add_argument("--pool", help="libvirt storage pool (with --vol; the format comes from "
+                                  "the pool volume's XML)")
+    p.add_argument("--vol", help="volume in --pool")
+    p.add_argument("--uri", default=None, help="libvirt URI for --pool (default: gatewayd's)")
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--nosuid", action="store_true", help="mount the rootfs nosuid")
     p.add_argument("--noexec", action="store_true", help="mount the rootfs noexec")

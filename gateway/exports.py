@@ -12,6 +12,7 @@ so a loop device over the block view sees a short stall instead of an I/O error.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 from dataclasses import dataclass
@@ -33,10 +34,31 @@ log = logging.getLogger("gateway.exports")
 RECONNECT_TIMEOUT = 15.0
 
 
-def spec_of(volume: Volume) -> ExportSpec:
+def spec_of(volume: Volume, backing: ExportSpec | None = None) -> ExportSpec:
     fmt: Literal["raw", "qcow2"] = "qcow2" if volume.format == "qcow2" else "raw"
     return ExportSpec(name=volume.name, path=volume.path, fmt=fmt, read_only=volume.read_only,
-                      block_device=volume.block_device)
+                      block_device=volume.block_device, backing=backing)
+
+
+def chain_spec(catalog: Catalog, volume: Volume, *, top: bool = True) -> ExportSpec:
+    """The export spec of a volume with its backing chain, every layer pinned by the catalog.
+
+    The recorded lineage must still match the catalog (name, path and format of each backing
+    layer); anything else is refused rather than guessed. A base with overlays is always served
+    read-only."""
+    backing: ExportSpec | None = None
+    if volume.base is not None:
+        base = catalog.volume(volume.base)
+        recorded = (volume.lineage.get("layers") or [{}])[0]
+        if (recorded.get("name"), recorded.get("path"), recorded.get("format")) != (
+                base.name, base.path, base.format):
+            raise Conflict(f"volume {volume.name}: its base {base.name} no longer matches the "
+                           "recorded lineage; refusing to open the chain")
+        backing = dataclasses.replace(chain_spec(catalog, base, top=False), read_only=True)
+    if top and catalog.overlays_of(volume.name) and not volume.read_only:
+        raise Conflict(f"volume {volume.name} is the base of overlays "
+                       f"{', '.join(catalog.overlays_of(volume.name))}; it is read-only")
+    return spec_of(volume, backing)
 
 
 class VolumeBackend:
@@ -117,8 +139,8 @@ class Exports:
         specs = []
         for name in self.catalog.exported():
             try:
-                specs.append(spec_of(self.catalog.volume(name)))
-            except NotFound:
+                specs.append(chain_spec(self.catalog, self.catalog.volume(name)))
+            except (NotFound, Conflict):
                 continue
         return specs
 
@@ -133,7 +155,7 @@ class Exports:
         if name in self.active:
             return self.active[name]
         volume = self.catalog.volume(name)
-        uri = await self.qsd.export(spec_of(volume))
+        uri = await self.qsd.export(chain_spec(self.catalog, volume))
         try:
             client = await NBDClient.connect(str(self.qsd.nbd_path), name, nursery=self.nursery)
             try:

@@ -108,6 +108,7 @@ class Gateway:
         out["exported"] = export is not None
         out["uri"] = export.uri if export is not None else None
         out["attachment"] = self._rootfs.attachment_of(name) if self._rootfs else None
+        out["overlays"] = self.catalog.overlays_of(name)
         return out
 
 
@@ -166,7 +167,16 @@ async def volume_remove(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
             raise Conflict(f"volume {name} is mounted; umount it first")
         if name in gw.catalog.exported():
             raise Conflict(f"volume {name} is exported; unexport it first")
+        overlays = gw.catalog.overlays_of(name)
+        if overlays:
+            raise Conflict(f"volume {name} is the base of overlays {', '.join(overlays)}; "
+                           "remove them first")
+        base = gw.catalog.volume(name).base
         gw.catalog.remove_volume(name)
+    if base is not None:
+        from gateway.lifecycle_ops import release_base
+        async with gw.lock(base):
+            release_base(gw, base)
     log.info("volume removed", extra=fields(volume=name))
     return {"name": name, "removed": True}
 

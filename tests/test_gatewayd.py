@@ -135,9 +135,13 @@ def test_daemon_not_running_is_said_plainly(tmp_path: Path) -> None:
 
 
 def test_usage_error_is_one_line(gatewayd: Daemon) -> None:
-    proc = gatewayd.ctl("volume", "add", "x")
+    proc = gatewayd.ctl("volume", "add")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
+    half = gatewayd.ctl("volume", "add", "x")
+    assert half.returncode == 1
+    assert half.stderr.strip() == ("gatewayctl: PATH and --format raw|qcow2 are required "
+                                   "(or --pool POOL --vol VOL)")
 
 
 def test_sigint_and_sigterm_shut_down_in_order(tmp_path: Path) -> None:

@@ -9,9 +9,12 @@ qcow2 format nodes get `"backing": null`, so qemu never opens a file named insid
 Read-only volumes get `read-only: true` on both nodes and `auto-read-only: false` (qemu must not
 silently fall back to read-only on a writable volume, nor upgrade a read-only one).
 
-Backing chains (later): a layer is built by `layer_commands(spec, backing_node)`; an overlay is
-built by first emitting its backing volume's layers (read-only) and then passing the backing's
-format node name as `backing_node`. `teardown_order` deletes top-down. Nothing else changes.
+Backing chains: an overlay's spec carries its backing volume's spec (`ExportSpec.backing`, pinned
+name, path and format from the catalog; always read-only). `layer_commands(spec)` then emits the
+backing's layers first (recursively, bottom-up), each with node names private to this export
+(`layer_names(top, layer)`), and the overlay's qcow2 node gets `backing` = the backing's format
+node name. qemu never opens the backing file named in the overlay's header: every layer is an
+explicit node with an explicit driver. `teardown_order` deletes top-down, backing layers last.
 
 Cache and AIO choice (bench/nbd_export.py on this host, qemu 7.2, 256 MiB, noisy 2-core VM):
 - default `cache.direct=off` (host page cache) with `aio=threads`. Measured sequential reads:
@@ -39,6 +42,7 @@ VOLUME_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 # qemu's id_wellformed(): a letter first, then letters, digits, '-', '.', '_'; node names are
 # stored in a 32-byte buffer, so at most 31 characters.
 NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,30}")
+MAX_CHAIN = 16
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class ExportSpec:
     fmt: Format
     read_only: bool
     block_device: bool = False
+    backing: ExportSpec | None = None
 
     def __post_init__(self) -> None:
         if not VOLUME_NAME.fullmatch(self.name):
@@ -56,6 +61,24 @@ class ExportSpec:
             raise InvalidArgument(f"volume {self.name}: unknown format {self.fmt!r}")
         if not self.path.startswith("/"):
             raise InvalidArgument(f"volume {self.name}: path must be absolute: {self.path!r}")
+        if self.backing is not None:
+            if self.fmt != "qcow2":
+                raise InvalidArgument(f"volume {self.name}: only a qcow2 volume can have a "
+                                      "backing volume")
+            if not self.backing.read_only:
+                raise InvalidArgument(f"volume {self.name}: backing volume {self.backing.name} "
+                                      "must be opened read-only")
+
+    def chain(self) -> list[ExportSpec]:
+        """This spec and its backing specs, top first."""
+        out: list[ExportSpec] = []
+        layer: ExportSpec | None = self
+        while layer is not None:
+            if len(out) >= MAX_CHAIN:
+                raise InvalidArgument(f"volume {self.name}: backing chain longer than {MAX_CHAIN}")
+            out.append(layer)
+            layer = layer.backing
+        return out
 
 
 @dataclass(frozen=True)
@@ -90,6 +113,17 @@ def node_names(spec: ExportSpec) -> NodeNames:
     return names
 
 
+def layer_names(top: ExportSpec, layer: ExportSpec) -> NodeNames:
+    """Node names of a backing layer inside `top`'s export: private to that export, so the same
+    base can back several overlays (and be exported itself) without a node-name clash."""
+    if layer is top:
+        return node_names(top)
+    h = _short(f"{top.name}<{layer.name}")
+    names = NodeNames(fmt=f"gbf-{h}", proto=f"gbp-{h}", export_id="")
+    assert NODE_NAME.fullmatch(names.fmt) and NODE_NAME.fullmatch(names.proto)
+    return names
+
+
 def _common(read_only: bool, io: IOPolicy) -> dict[str, Any]:
     return {
         "read-only": read_only,
@@ -100,8 +134,9 @@ def _common(read_only: bool, io: IOPolicy) -> dict[str, Any]:
     }
 
 
-def protocol_args(spec: ExportSpec, io: IOPolicy = DEFAULT_IO) -> dict[str, Any]:
-    names = node_names(spec)
+def protocol_args(spec: ExportSpec, io: IOPolicy = DEFAULT_IO,
+                  names: NodeNames | None = None) -> dict[str, Any]:
+    names = names or node_names(spec)
     return {
         "driver": "host_device" if spec.block_device else "file",
         "node-name": names.proto,
@@ -113,8 +148,9 @@ def protocol_args(spec: ExportSpec, io: IOPolicy = DEFAULT_IO) -> dict[str, Any]
 
 
 def format_args(spec: ExportSpec, io: IOPolicy = DEFAULT_IO,
-                backing_node: str | None = None) -> dict[str, Any]:
-    names = node_names(spec)
+                backing_node: str | None = None,
+                names: NodeNames | None = None) -> dict[str, Any]:
+    names = names or node_names(spec)
     args: dict[str, Any] = {
         "driver": spec.fmt,
         "node-name": names.fmt,
@@ -130,9 +166,21 @@ def format_args(spec: ExportSpec, io: IOPolicy = DEFAULT_IO,
 
 def layer_commands(spec: ExportSpec, io: IOPolicy = DEFAULT_IO,
                    backing_node: str | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """The blockdev-add commands for one volume, protocol node first."""
-    return [("blockdev-add", protocol_args(spec, io)),
-            ("blockdev-add", format_args(spec, io, backing_node))]
+    """The blockdev-add commands for one volume, protocol node first. A spec with a backing
+    volume emits its whole chain, bottom layer first (`backing_node` must then be None)."""
+    if spec.backing is None:
+        return [("blockdev-add", protocol_args(spec, io)),
+                ("blockdev-add", format_args(spec, io, backing_node))]
+    if backing_node is not None:
+        raise InvalidArgument(f"volume {spec.name}: backing given twice")
+    commands: list[tuple[str, dict[str, Any]]] = []
+    below: str | None = None
+    for layer in reversed(spec.chain()):
+        names = layer_names(spec, layer)
+        commands.append(("blockdev-add", protocol_args(layer, io, names)))
+        commands.append(("blockdev-add", format_args(layer, io, below, names)))
+        below = names.fmt
+    return commands
 
 
 def export_args(spec: ExportSpec) -> dict[str, Any]:
@@ -148,6 +196,9 @@ def export_args(spec: ExportSpec) -> dict[str, Any]:
 
 
 def teardown_order(spec: ExportSpec) -> list[str]:
-    """Node names to blockdev-del, top-down."""
-    names = node_names(spec)
-    return [names.fmt, names.proto]
+    """Node names to blockdev-del, top-down (an overlay's backing layers after it)."""
+    order: list[str] = []
+    for layer in spec.chain():
+        names = layer_names(spec, layer)
+        order += [names.fmt, names.proto]
+    return order
