@@ -379,7 +379,10 @@ def sweep(run_dir: str | os.PathLike[str], *, block_view: bool = True) -> Reconc
             if exc.errno != errno.ENOTCONN:
                 report.errors.append(f"stat {lay.blk}: {exc.strerror}")
             report.found.append(f"stale block view at {lay.blk}")
-            _unmount_all(lay.blk, report)
+            stale = ReconcileReport()  # one leftover: do not count its mount a second time
+            _unmount_all(lay.blk, stale)
+            report.done += stale.done
+            report.errors += stale.errors
     report.remaining += [f"mount {m.mount_point}" for m in mounts.mounts_under(lay.mnt_root)]
     if block_view and not live_view:
         report.remaining += [f"mount {m.mount_point}" for m in mounts.mounts_under(lay.blk)]

@@ -148,7 +148,10 @@ class Catalog:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
+            # WAL with synchronous=NORMAL: a committed row survives any process crash (the case
+            # the attachment journal exists for); an OS crash may lose the last commits, and
+            # no mount survives that anyway.
+            self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
         except (sqlite3.Error, OSError) as exc:
             raise CatalogError(f"catalog {path}: {exc}") from exc
@@ -182,13 +185,20 @@ class Catalog:
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._db.execute("ROLLBACK")
+            self._rollback()  # SQLite may have rolled back already (SQLITE_FULL)
             raise CatalogError(f"catalog: {exc}") from exc
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         try:

@@ -147,6 +147,8 @@ async def watch_domains(gw: Gateway, *, task_status: trio.TaskStatus[None]
 
 async def _consume(gw: Gateway, events: LifecycleEvents) -> None:
     async for event in events.receive:
+        if event.event == "started" and event.volume is not None:
+            gw.domain_volumes[event.name] = event.volume
         if event.event not in STOP_EVENTS or event.volume is None:
             continue
         log.info("gateway domain ended", extra=fields(domain=event.name, event=event.event,

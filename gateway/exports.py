@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.exports")
 RECONNECT_TIMEOUT = 15.0
+CONNECTION_ERRNOS = frozenset({errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN})
 
 
 def spec_of(volume: Volume, backing: ExportSpec | None = None) -> ExportSpec:
@@ -78,19 +79,36 @@ class VolumeBackend:
     def read_only(self) -> bool:
         return self.client.read_only
 
+    def _connection_lost(self, failed: NBDError) -> bool:
+        # The poller marks a connection dead only when it sees the socket fail; a request can
+        # meet the dead handle first (ENOTCONN, or libnbd's "invalid state: DEAD"), and then
+        # `connected` still says True. Found by the QSD kill -9 soak (tests/faults).
+        return (not self.client.connected or failed.errno in CONNECTION_ERRNOS
+                or "invalid state: DEAD" in failed.message)
+
     async def _recover(self, failed: NBDError) -> None:
-        if self.client.connected:
+        if not self._connection_lost(failed):
             raise failed  # the request itself failed; the connection is fine
+        generation = self.reconnects
         async with self._reconnecting:
-            if self.client.connected:
-                return
-            try:
-                with trio.fail_after(RECONNECT_TIMEOUT):
-                    await self.qsd.wait_ready(RECONNECT_TIMEOUT)
-                    await self.client.reconnect()
-            except (trio.TooSlowError, BackendError) as exc:
+            if self.reconnects != generation:
+                return  # another request reconnected while this one waited
+            last: BaseException | None = None
+            with trio.move_on_after(RECONNECT_TIMEOUT):
+                while True:
+                    try:
+                        await self.qsd.wait_ready(RECONNECT_TIMEOUT)
+                        await self.client.reconnect()
+                        last = None
+                        break
+                    except BackendError as exc:
+                        # The supervisor may not have noticed the dead QSD yet (it still looks
+                        # ready and refuses connections): retry until it is back.
+                        last = exc
+                        await trio.sleep(0.1)
+            if last is not None or not self.client.connected:
                 raise NBDError(f"nbd: {self.client.label}: reconnect failed after "
-                               f"{failed.message}", errno=errno.EIO) from exc
+                               f"{failed.message}", errno=errno.EIO) from last
             self.reconnects += 1
             log.info("reconnected to export", extra=fields(volume=self.client.export_name))
 

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import glob
 import os
+import random
 import time
 from dataclasses import dataclass
 
@@ -133,7 +134,7 @@ def _configure(dev_fd: int, file_fd: int, info: _LoopInfo64) -> None:
 
 def attach(path: str | os.PathLike[str], *, read_only: bool = False, autoclear: bool = True,
            offset: int = 0, sizelimit: int = 0, direct_io: bool = False,
-           attempts: int = 20) -> tuple[LoopDevice, int]:
+           attempts: int = 200) -> tuple[LoopDevice, int]:
     """Attach `path` to a free loop device.
 
     Returns the device and an open fd on it. With autoclear the device lives while that fd (or a
@@ -150,7 +151,11 @@ def attach(path: str | os.PathLike[str], *, read_only: bool = False, autoclear: 
     info = _info(file_path, flags, offset, sizelimit)
     try:
         last: OSError | None = None
-        for _ in range(attempts):
+        for attempt in range(attempts):
+            if attempt:
+                # Concurrent attachers are all handed the same free device and all but one get
+                # EBUSY; a short random backoff spreads them out (seen with 16 parallel mounts).
+                time.sleep(random.uniform(0, min(0.05, 0.002 * attempt)))
             dev = _get_free()
             try:
                 dev_fd = os.open(dev, mode | os.O_CLOEXEC)
@@ -184,6 +189,8 @@ def backing_file(dev: str) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENXIO):
+            return None  # the device went away while we looked (auto-clear, another detach)
         raise _fail(f"read backing file of {dev}", exc) from exc
     return name.removesuffix(" (deleted)") if name else None
 

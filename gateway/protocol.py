@@ -182,7 +182,7 @@ class ServerConnection(_Machine):
 def parse_request(line: bytes) -> Request | BadRequest:
     try:
         obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, huge ints, deep nesting
         return BadRequest(None, "request is not valid JSON")
     if not isinstance(obj, dict):
         return BadRequest(None, "request must be a JSON object")
@@ -218,7 +218,7 @@ class ClientConnection(_Machine):
             return line
         try:
             obj = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):
             self.state = State.ERROR
             return ConnectionFailed("response is not valid JSON")
         if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):

@@ -196,7 +196,7 @@ class RootfsManager:
         auto = any(step == "export" and detail.get("auto")
                    for step, detail in (record.steps if record else ()))
         if name in self.view.volumes():
-            self.view.clear_window(name)
+            await self.view.close_window(name)
             export = self.exports.active.get(name)
             if export is not None:
                 await export.backend.flush()

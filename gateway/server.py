@@ -135,6 +135,8 @@ class AdminServer:
             await self._loop(stream, proto, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionResetError):
             pass
+        except Exception:
+            log.exception("admin connection failed")
         finally:
             await stream.aclose()
 

@@ -101,6 +101,10 @@ class Gateway:
             if self.metrics is not None:
                 self.metrics.errors.labels(exc.code).inc()
             raise
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.errors.labels("internal").inc()
+            raise
 
     def volume_json(self, name: str) -> dict[str, Any]:
         out = self.catalog.volume(name).to_json()
@@ -221,7 +225,19 @@ async def mount(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
 
 @op("umount")
 async def umount(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+    """`if_unused` (the libvirt hook on release): keep the mount while another running gateway
+    domain than `domain` still boots from the volume."""
     name = volumes.check_name(args.get("name"))
+    if arg_bool(args, "if_unused"):
+        # Never ask libvirt here: the hook calls this while libvirtd holds the dying domain, so
+        # a libvirt query would wait for the hook that waits for us. gatewayd's own map of
+        # running domains (from domain start and lifecycle events) answers instead.
+        domain = args.get("domain")
+        if isinstance(domain, str):
+            gw.domain_volumes.pop(domain, None)
+        users = sorted(d for d, v in gw.domain_volumes.items() if v == name)
+        if users:
+            return {"name": name, "mounted": True, "kept_for": users}
     return await gw.rootfs.umount(name, force=arg_bool(args, "force"))
 
 

@@ -2,7 +2,7 @@
 LXC_RUN_DIR ?= /run/storage-gateway
 LXC_PY ?= .venv/bin/python
 
-.PHONY: lxc-up lxc-down lxc-status lxc-hook-install lxc-test lxc-hook-latency
+.PHONY: lxc-up lxc-down lxc-status lxc-hook-install lxc-test lxc-hook-latency lxc-e2e stop
 
 # Start a libvirtd for lxc:/// (reused if one answers) with RUN_DIR/rootfs as a shared mount.
 # Install the hook first (lxc-hook-install): libvirtd only finds hooks present when it starts.
@@ -20,6 +20,14 @@ lxc-hook-install:
 
 lxc-test:
 	$(LXC_PY) -m pytest -q -ra tests/test_lxc_units.py tests/test_lxc_libvirt.py
+
+# Issue 6 end to end (real gatewayd + libvirtd + containers); -s shows the hook latency figures.
+lxc-e2e:
+	$(LXC_PY) -m pytest -q -ra -s tests/test_e2e_lxc.py
+
+# Undo `make run`: stop the demo container, its gatewayd and the libvirtd it started.
+stop:
+	$(LXC_PY) -m gateway.demo stop
 
 lxc-hook-latency:
 	$(LXC_PY) -m tests.test_lxc_units

@@ -8,7 +8,10 @@ domains, stops the daemon it started and unmounts what it mounted.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,23 +60,77 @@ def _reaches_libvirtd(shared: Path) -> bool:
         subprocess.run(["umount", str(probe)], check=False)
 
 
-@pytest.fixture(scope="session")
-def libvirt_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtEnv]:
-    base = tmp_path_factory.mktemp("libvirt")
+# libvirtd is one per host: test sessions running at the same time (several checkouts, parallel
+# runs) take turns on it, or the later one would reuse a libvirtd without its hook and skip.
+SESSION_LOCK = Path("/run/lock/storage-gateway-libvirt-tests.lock")
+LOCK_WAIT_SECONDS = 45.0
+
+
+def _session_lock() -> int | None:
+    """An flock held while this session owns the libvirt env; None if another session kept it
+    longer than LOCK_WAIT_SECONDS (the env then reuses that session's libvirtd)."""
+    SESSION_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(SESSION_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.5)
+
+
+class _Shared:
+    """The one LibvirtEnv of the session. Each test module that imports the fixture gets its own
+    pytest fixture definition (and so its own session-scoped instance); they all share this one,
+    and the last to finish tears it down. Without it a second module would find the first
+    module's libvirtd running and reuse it without our hook."""
+
+    env: LibvirtEnv | None = None
+    users = 0
+    lock_fd: int | None = None
+
+
+def _start_env(base: Path) -> LibvirtEnv:
     shared = base / "rootfs"
     hooks = base / "hooks"
     sock = base / "admin.sock"
     hook.install_hook(hooks, str(sock))
     handle = libvirtd.ensure_libvirtd([shared], hooks_dir=hooks)
-    try:
-        yield LibvirtEnv(uri=handle.uri, shared_dir=shared, socket_path=sock,
-                         hook_active=handle.owned, mounts_visible=handle.owned or
-                         _reaches_libvirtd(shared), handle=handle)
-    finally:
+    return LibvirtEnv(uri=handle.uri, shared_dir=shared, socket_path=sock,
+                      hook_active=handle.owned,
+                      mounts_visible=handle.owned or _reaches_libvirtd(shared), handle=handle)
+
+
+@pytest.fixture(scope="session")
+def libvirt_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtEnv]:
+    if _Shared.env is None:
+        _Shared.lock_fd = _session_lock()
         try:
-            handle.stop()
-        finally:
-            umount_below(shared)
+            _Shared.env = _start_env(tmp_path_factory.mktemp("libvirt"))
+        except BaseException:
+            if _Shared.lock_fd is not None:
+                os.close(_Shared.lock_fd)
+                _Shared.lock_fd = None
+            raise
+    env = _Shared.env
+    _Shared.users += 1
+    try:
+        yield env
+    finally:
+        _Shared.users -= 1
+        if _Shared.users == 0:
+            _Shared.env = None
+            try:
+                env.handle.stop()
+            finally:
+                umount_below(env.shared_dir)
+                if _Shared.lock_fd is not None:
+                    os.close(_Shared.lock_fd)  # releases the flock
+                    _Shared.lock_fd = None
 
 
 class FakeGatewayd:

@@ -162,6 +162,22 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
             raise Conflict(f"block view: volume {name} rootfs is open")
         vol.window = None
 
+    async def close_window(self, name: str, *, timeout: float = 5.0) -> None:
+        """clear_window() after waiting up to `timeout` for the rootfs file to be released.
+
+        A loop device with auto-clear drops its backing file asynchronously after the umount, and
+        the kernel sends FUSE RELEASE later still, so right after a teardown the file may still
+        count as open (seen with 16 volumes unmounted at once)."""
+        vol = self._volume(name)
+
+        def rootfs_open() -> bool:
+            return any(self._handles[fh].kind == ROOTFS for fh in vol.open_handles)
+
+        with trio.move_on_after(timeout):
+            while rootfs_open():
+                await self._released.wait()
+        self.clear_window(name)
+
     def open_count(self, name: str) -> int:
         return len(self._volume(name).open_handles)
 

@@ -108,7 +108,8 @@ def main():
                     fail("gatewayd mounted volume %s at %s but the domain boots from %s"
                          % (volume, got, rootfs))
             else:
-                call(op, {{"name": volume}})
+                # Released by this domain: gatewayd keeps it while another domain uses it.
+                call(op, {{"name": volume, "domain": argv[0], "if_unused": True}})
     if os.path.exists(CHAINED):
         r, w = os.pipe()
         pid = os.fork()

@@ -184,6 +184,13 @@ def ensure_libvirtd(shared_dirs: list[Path], *, uri: str = DEFAULT_URI,
     return handle
 
 
+def started_pid() -> int | None:
+    """The pid of the libvirtd a previous `up` (ensure_libvirtd) started, if it still runs."""
+    state = _read_state()
+    pid = state.get("pid") if state is not None else None
+    return pid if isinstance(pid, int) and _alive(pid) else None
+
+
 def stop_started_libvirtd(timeout: float = 20.0) -> bool:
     """Stop the libvirtd a previous `up` started (recorded in STATE_PATH). False if none."""
     state = _read_state()

@@ -193,7 +193,7 @@ class QMPConnection:
     def _handle_line(self, line: bytes) -> list[QMPEvent]:
         try:
             msg = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # bad UTF-8 or JSON, huge ints, deep nesting
             self._fail(f"qmp: not JSON: {line[:80]!r}")
         if not isinstance(msg, dict):
             self._fail(f"qmp: not an object: {line[:80]!r}")
@@ -219,12 +219,17 @@ class QMPConnection:
             if not isinstance(body, dict):
                 self._fail("qmp: malformed greeting")
             caps = body.get("capabilities", [])
+            if not isinstance(caps, list):
+                self._fail("qmp: malformed greeting")
             return _Kind.GREETING, Greeting(body.get("version", {}), tuple(str(c) for c in caps))
         if "event" in msg:
             ts = msg.get("timestamp")
             stamp = None
             if isinstance(ts, dict):
-                stamp = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+                try:
+                    stamp = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+                except (TypeError, ValueError, OverflowError):
+                    self._fail("qmp: malformed event timestamp")
             data = msg.get("data", {})
             return _Kind.EVENT, Event(str(msg["event"]), data if isinstance(data, dict) else {},
                                       stamp)

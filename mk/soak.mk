@@ -1,0 +1,29 @@
+# Reliability and security (issue 8): fault-injection soak, 100-volume load, core fuzzing.
+SOAK_CYCLES ?= 20
+LOAD_VOLUMES ?= 100
+FUZZ_CORES_EXAMPLES ?= 20000
+SOAK_REPORT ?= soak-report.jsonl
+
+.PHONY: soak soak-faults soak-load fuzz-cores reliability-test
+
+# Every fault scenario SOAK_CYCLES times, then the load test with LOAD_VOLUMES volumes.
+# One JSON line per cycle (recovery time, leaks, acked writes, fsck, fds) goes to SOAK_REPORT.
+soak: soak-faults soak-load
+
+soak-faults: native
+	SOAK_CYCLES=$(SOAK_CYCLES) SOAK_REPORT=$(abspath $(SOAK_REPORT)) $(PY) -m pytest -q -s \
+		-p no:cacheprovider tests/faults
+
+soak-load: native
+	LOAD_VOLUMES=$(LOAD_VOLUMES) SOAK_REPORT=$(abspath $(SOAK_REPORT)) $(PY) -m pytest -q -s \
+		-p no:cacheprovider tests/test_load.py
+
+# The admin-protocol and QMP cores under many more hypothesis examples than `make test` runs.
+fuzz-cores: venv
+	FUZZ_CORES_EXAMPLES=$(FUZZ_CORES_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
+		--timeout=3600 tests/test_fuzz_cores.py
+
+# The issue-8 tests in their bounded `make test` form.
+reliability-test: native
+	$(PY) -m pytest -q -p no:cacheprovider tests/faults tests/test_load.py tests/test_hostile.py \
+		tests/test_fuzz_cores.py tests/test_metrics.py tests/test_systemd.py

@@ -1,0 +1,35 @@
+"""CI smoke of the mount-latency benchmark: one iteration of a few paths, results in a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "mount_latency.py"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark mounts: needs root")
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = json.loads((out / "latest.json").read_text())
+    assert results["smoke"] is True
+    assert not results.get("leaks"), results.get("leaks")
+    for key in ("date", "kernel", "cpus", "qemu", "git_rev"):
+        assert results["host"][key], key
+    paths = results["latency"]["paths"]
+    assert {"gateway bind qcow2 (api)", "gateway bind qcow2 (cli)", "floor"} <= set(paths)
+    for d in paths.values():
+        assert len(d["cold"]) == 1 and len(d["warm"]) == 1
+        assert all(0 < v < 60 for v in d["cold"] + d["warm"])
+    assert results["concurrency"]["wall"]
+    assert all(t["status"] in ("met", "missed", "skipped") for t in results["targets"])
+    assert (out / "latest.md").read_text().startswith("Mount latency")
