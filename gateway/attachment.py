@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway import fuse2fs, loopdev, mounts
+from gateway import fuse2fs, loopdev, mkfs, mounts
 from gateway.errors import BackendError, Conflict, GatewayError, InvalidArgument, NotFound
 
 Journal = Callable[[str, dict[str, object]], None]
@@ -176,12 +176,21 @@ def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
 def attach_fuse(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
                 journal: Journal = _no_journal, read_only: bool = False, nosuid: bool = True,
                 noexec: bool = False, stderr_path: str | None = None,
-                timeout: float = 15.0) -> Attachment:
-    """fuse2fs over the rootfs window, mounted at RUN_DIR/rootfs/VOL."""
+                timeout: float = 15.0, force_fsck: bool = False) -> Attachment:
+    """fuse2fs over the rootfs window, mounted at RUN_DIR/rootfs/VOL.
+
+    A writable filesystem is preened by e2fsck first, and fully repaired (-f -y) when
+    `force_fsck`: after a fuse2fs that did not exit in order, whose in-memory bitmaps were lost."""
     fuse2fs.check_fstype(fstype)
     lay = _layout(run_dir, volume)
     target, window = lay.rootfs(volume), lay.window(volume)
     target.mkdir(parents=True, exist_ok=True)
+    if not read_only:
+        # fuse2fs neither replays a journal nor survives a crash cleanly (bitmaps live in its
+        # memory): let e2fsck replay and preen first, as a boot would.
+        journal("fsck", {"phase": "start", "image": str(window)})
+        code = mkfs.preen_ext(window, repair=force_fsck, timeout=timeout * 20)
+        journal("fsck", {"phase": "done", "exit": code})
     journal("fuse2fs", {"phase": "start", "image": str(window), "target": str(target)})
     handle = fuse2fs.start(window, target, fstype, read_only=read_only, nosuid=nosuid,
                            noexec=noexec, timeout=timeout, stderr_path=stderr_path)

@@ -64,6 +64,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE volumes ADD COLUMN lineage TEXT NOT NULL DEFAULT '{}';
     CREATE INDEX volumes_base ON volumes(base);
     """,
+    # 4: volumes whose filesystem must be checked before the next fuse-mode mount.
+    """
+    CREATE TABLE fsck_needed (
+        volume TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE
+    );
+    """,
 )
 ORIGINS = ("registered", "overlay", "copy", "blank", "import", "pool")
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -275,6 +281,18 @@ class Catalog:
         with self.transaction() as db:
             db.execute("UPDATE volumes SET fstype = ? WHERE name = ? AND fstype IS NULL",
                        (fstype, name))
+
+    # Filesystems left unclean by a fuse2fs that did not exit in order.
+    def set_fsck_needed(self, name: str, needed: bool) -> None:
+        with self.transaction() as db:
+            if needed:
+                db.execute("INSERT OR IGNORE INTO fsck_needed (volume) SELECT name FROM volumes "
+                           "WHERE name = ?", (name,))
+            else:
+                db.execute("DELETE FROM fsck_needed WHERE volume = ?", (name,))
+
+    def fsck_needed(self, name: str) -> bool:
+        return bool(self._query("SELECT 1 FROM fsck_needed WHERE volume = ?", (name,)))
 
     # Exports (desired state: re-added after a QSD or gatewayd restart).
     def set_exported(self, name: str, exported: bool) -> None:

@@ -99,6 +99,8 @@ async def reconcile(gateway: Gateway) -> None:
     journals = [(r.volume, r.steps) for r in gateway.catalog.attachments()]
     report = await trio.to_thread.run_sync(reconcile_all, gateway.settings.run_dir, journals)
     for name, steps in journals:
+        if any(step == "fuse2fs" for step, _ in steps):
+            gateway.catalog.set_fsck_needed(name, True)  # its fuse2fs died with the daemon
         if any(step == "export" and detail.get("auto") for step, detail in steps):
             gateway.catalog.set_exported(name, False)  # the mount made that export
         gateway.catalog.end_attachment(name)

@@ -136,6 +136,7 @@ def start(image: str | os.PathLike[str], target: str | os.PathLike[str], fstype:
     proc = command.spawn(argv, stderr_path=stderr_path, error=CommandError)
     handle = Fuse2fs(image_s, target_s, proc.pid, read_only, proc)
     deadline = time.monotonic() + timeout
+    delay = 0.001  # fuse2fs mounts in a few ms: poll fast first, then back off
     while not handle.mounted():
         if proc.poll() is not None:
             detail = _stderr_tail(stderr_path)
@@ -144,7 +145,8 @@ def start(image: str | os.PathLike[str], target: str | os.PathLike[str], fstype:
         if time.monotonic() >= deadline:
             handle.stop(timeout=2.0, force=True)
             raise Fuse2fsError(f"fuse2fs: {target_s} not mounted after {timeout:g}s")
-        time.sleep(0.02)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
     return handle
 
 

@@ -69,12 +69,23 @@ def grow_last_partition(disk: Path) -> None:
                 input=b", +\n", error=MkfsError)
 
 
+def preen_ext(target: Path, *, force: bool = False, repair: bool = False,
+              timeout: float = 1800.0) -> int:
+    """`e2fsck -p`: replays the journal and fixes what is safe to fix unattended; `force` checks
+    a filesystem marked clean too; `repair` (-f -y) fixes everything, as a boot with
+    fsck.repair=yes would. Returns e2fsck's exit code (0 clean, 1 or 2 corrected)."""
+    mode = ["-f", "-y"] if repair else ["-p", *(["-f"] if force else [])]
+    argv = ["e2fsck", *mode, os.fspath(target)]
+    result = command.run(argv, timeout=timeout, check=False, error=MkfsError)
+    if result.returncode not in (0, 1, 2):  # 2: corrected, "reboot" (meaningless here)
+        raise MkfsError(f"e2fsck found errors it cannot fix unattended on {target} (exit "
+                        f"{result.returncode}); run e2fsck on the image by hand")
+    return result.returncode
+
+
 def resize_ext4(target: Path, timeout: float = 1800.0) -> None:
     """Offline ext4 grow: a forced check first (resize2fs insists), then resize to fill."""
-    result = command.run(["e2fsck", "-f", "-p", target], timeout=timeout, check=False,
-                         error=MkfsError)
-    if result.returncode not in (0, 1):  # 1: errors corrected
-        raise MkfsError(f"e2fsck failed on {target} (exit {result.returncode})")
+    preen_ext(target, force=True, timeout=timeout)
     command.run(["resize2fs", target], timeout=timeout, error=MkfsError)
 
 

@@ -147,14 +147,20 @@ class RootfsManager:
                 phases[step] = now - started.pop(step)
             journal(step, detail)
 
+        force_fsck = self.catalog.fsck_needed(name)
+
         def work() -> attachment.Attachment:
             if mode == "bind":
                 return attachment.attach_bind(self.run_dir, name, fstype, journal=timed,
                                               read_only=read_only, nosuid=nosuid, noexec=noexec)
             return attachment.attach_fuse(
                 self.run_dir, name, fstype, journal=timed, read_only=read_only, nosuid=nosuid,
-                noexec=noexec, stderr_path=str(self.run_dir / f"fuse2fs-{name}.log"))
-        return await trio.to_thread.run_sync(work)
+                noexec=noexec, stderr_path=str(self.run_dir / f"fuse2fs-{name}.log"),
+                force_fsck=force_fsck)
+        att = await trio.to_thread.run_sync(work)
+        if mode == "fuse" and force_fsck and not read_only:
+            self.catalog.set_fsck_needed(name, False)
+        return att
 
     async def _undo(self, name: str, auto_export: bool) -> None:
         """Undo a failed mount: attach_* cleaned up after itself; close the window and export."""
@@ -225,6 +231,7 @@ class RootfsManager:
             log.error("fuse2fs exited on its own; tearing the mount down",
                       extra=fields(volume=name, pid=pid))
             self.catalog.set_attachment(name, state="failed")
+            self.catalog.set_fsck_needed(name, True)
             try:
                 await self.umount(name, force=True)
             except GatewayError as exc:

@@ -121,9 +121,11 @@ def leaks(daemon: Daemon, volume: str) -> list[str]:
     return found
 
 
-def verify_data(daemon: Daemon, volume: str, target_rel: str, acked: list[int]) -> int:
-    """Mount (bind: replays the ext4 journal), check every acked file, umount. Returns count."""
-    daemon.ctl("mount", volume, check=True)
+def verify_data(daemon: Daemon, volume: str, target_rel: str, acked: list[int],
+                mode: str = "bind") -> int:
+    """Mount (bind: the kernel replays the ext4 journal; fuse: the gateway preens with e2fsck
+    first), check every acked file, umount. Returns the count."""
+    daemon.ctl("mount", volume, "--mode", mode, check=True)
     try:
         root = daemon.run_dir / "rootfs" / volume / target_rel
         missing = [i for i in acked if not (root / f"f{i:06d}").is_file()
@@ -157,21 +159,3 @@ class CycleReport:
         if REPORT:
             with open(REPORT, "a") as f:
                 f.write(line + "\n")
-
-
-def fsck_after_fuse_crash(image: Path) -> str:
-    """fuse2fs keeps bitmaps and group descriptors in memory and has no journal, so kill -9 can
-    leave the entry of the file being written (not yet acknowledged) pointing at an inode the
-    bitmaps do not know. Report what e2fsck -fn finds, then repair with -fy so the next cycle
-    starts clean. Acknowledged files are checked again after the repair by the caller."""
-    check = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True,
-                           timeout=120)
-    if check.returncode == 0:
-        return "clean"
-    fix = subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, text=True,
-                         timeout=120)
-    assert fix.returncode in (0, 1), f"e2fsck -fy could not repair {image}:\n{fix.stdout}"
-    fsck_clean(image)
-    problems = [ln for ln in check.stdout.splitlines() if ln.endswith("? no")]
-    return f"repaired {len(problems)} problem(s): " + "; ".join(
-        ln for ln in check.stdout.splitlines() if ln.startswith("Entry "))[:300]
