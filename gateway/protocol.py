@@ -18,6 +18,7 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 1024 * 1024
+MAX_DEPTH = 32  # JSON nesting allowed in a request; deeper is refused before parsing
 
 
 class State(enum.Enum):
@@ -179,7 +180,36 @@ class ServerConnection(_Machine):
                        "error": {"code": code, "message": message}})
 
 
+def nesting_depth_exceeds(line: bytes, limit: int) -> bool:
+    """True if arrays/objects nest deeper than `limit` (brackets inside strings do not count).
+
+    Decided before json.loads, whose own limit depends on how deep the caller's stack is."""
+    if line.count(b"[") + line.count(b"{") <= limit:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for byte in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
 def parse_request(line: bytes) -> Request | BadRequest:
+    if nesting_depth_exceeds(line, MAX_DEPTH):
+        return BadRequest(None, f"request nests deeper than {MAX_DEPTH} levels")
     try:
         obj = json.loads(line)
     except (ValueError, RecursionError):  # bad UTF-8 or JSON, huge ints, deep nesting

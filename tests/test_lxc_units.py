@@ -182,7 +182,8 @@ def test_hook_asks_gatewayd(tmp_path: Path) -> None:
         assert _run_hook(tmp_path, xml, "release").returncode == 0
         proc = _run_hook(tmp_path, domain_xml("c1", "/r/v2", "v2", "bind"))
     assert [(r["op"], r["args"]) for r in fake.requests] == [
-        ("mount", {"name": "v1", "mode": "fuse"}), ("umount", {"name": "v1"}),
+        ("mount", {"name": "v1", "mode": "fuse"}),
+        ("umount", {"name": "v1", "domain": "c1", "if_unused": True}),
         ("mount", {"name": "v2", "mode": "bind"})]
     assert proc.returncode == 1
     assert proc.stderr.decode().strip() == (

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from gateway.protocol import (
+    MAX_DEPTH,
     MAX_LINE,
     NEED_DATA,
     BadRequest,
@@ -18,6 +19,7 @@ from gateway.protocol import (
     Response,
     ServerConnection,
     State,
+    parse_request,
 )
 
 
@@ -126,3 +128,15 @@ def test_client_rejects_unsolicited_or_garbled_responses() -> None:
     client.send("status")
     client.receive_data(b"garbage\n")
     assert isinstance(client.next_event(), ConnectionFailed)
+
+
+def test_nesting_limit_is_exact_and_ignores_strings() -> None:
+    def request(arrays: int) -> bytes:  # the request object and args are two levels
+        return f'{{"id":1,"op":"x","args":{{"a":{"[" * arrays}{"]" * arrays}}}}}'.encode()
+
+    assert isinstance(parse_request(request(MAX_DEPTH - 2)), Request)
+    deep = request(MAX_DEPTH - 1)
+    refused = parse_request(deep)
+    assert refused == BadRequest(None, f"request nests deeper than {MAX_DEPTH} levels")
+    quoted = f'{{"id":1,"op":"x","args":{{"s":"{"[" * 100}\\"{{"}}}}'.encode()
+    assert parse_request(quoted) == Request(1, "x", {"s": "[" * 100 + '"{'})
