@@ -26,6 +26,7 @@ from typing import Any
 from gateway import client, command
 from gateway.config import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 from gateway.errors import CommandError, GatewayError, NotFound
+from gateway.lifecycle import filesystem_image
 
 DEFAULT_LOG = Path("/var/log/storage-gateway.log")
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
@@ -34,7 +35,6 @@ VOLUME = "demo"
 MIB = 1024 * 1024
 FS_MIB = 64
 APPLETS = ("sh", "cat", "ls", "echo", "sleep", "sync", "mount", "ps", "hostname", "id", "uname")
-LINUX_FS_GUID = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 
 
 class DemoError(CommandError):
@@ -98,23 +98,9 @@ def build_image(out: Path) -> bool:
     with tempfile.TemporaryDirectory(prefix="demo-image-", dir=out.parent) as tmp:
         work = Path(tmp)
         _rootfs_tree(work / "tree")
-        fs = work / "rootfs.ext4"
-        with open(fs, "wb") as f:
-            f.truncate(FS_MIB * MIB)
-        command.run(["mkfs.ext4", "-q", "-F", "-L", "rootfs", "-d", work / "tree", fs],
-                    error=DemoError)
-        disk = work / "disk.raw"
-        with open(disk, "wb") as f:
-            f.truncate((FS_MIB + 2) * MIB)
-        table = (f"label: gpt\nstart={MIB // 512}, size={FS_MIB * MIB // 512}, "
-                 f"type={LINUX_FS_GUID}\n")
-        command.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", disk],
-                    input=table.encode(), error=DemoError)
-        command.run(["dd", f"if={fs}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc,sparse",
-                     "status=none"], error=DemoError)
         partial = work / "demo.qcow2"
-        command.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, partial],
-                    error=DemoError)
+        filesystem_image(partial, work, (FS_MIB + 2) * MIB, "ext4", "qcow2", partitioned=True,
+                         label="rootfs", tree=work / "tree")
         os.replace(partial, out)
     return True
 

@@ -164,9 +164,10 @@ def _copy_sparse(src: Path, dst: Path, offset: int, cancel: threading.Event | No
         os.fsync(fout.fileno())
 
 
-def _filesystem_image(partial: Path, scratch: Path, size: int, fs: str, fmt: str,
-                      partitioned: bool, label: str | None, tree: Path | None,
-                      progress: Progress | None, cancel: threading.Event | None) -> None:
+def filesystem_image(partial: Path, scratch: Path, size: int, fs: str, fmt: str,
+                     partitioned: bool, label: str | None, tree: Path | None,
+                     progress: Progress | None = None,
+                     cancel: threading.Event | None = None) -> None:
     """mkfs on a sparse raw file, optionally inside a GPT partition at 1 MiB, then qcow2."""
     raw = scratch / "disk.raw" if fmt == "qcow2" else partial
     fs_file = scratch / "fs.raw" if partitioned else raw
@@ -211,7 +212,7 @@ def build_blank(name: str, final: Path, size: int, fmt: str, fs: str, *,
     scratch = _scratch(final, "work")
     try:
         with building(final) as partial:
-            _filesystem_image(partial, scratch, size, fs, fmt, partitioned, label, None,
+            filesystem_image(partial, scratch, size, fs, fmt, partitioned, label, None,
                               progress, cancel)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -247,7 +248,7 @@ def build_import(name: str, final: Path, source: Path, size: int, fmt: str, *,
             if progress:
                 progress(60.0 + p * 0.4)
         with building(final) as partial:
-            _filesystem_image(partial, scratch, size, "ext4", fmt, partitioned, label, tree,
+            filesystem_image(partial, scratch, size, "ext4", fmt, partitioned, label, tree,
                               building_fs, cancel)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
