@@ -74,6 +74,8 @@ def test_libfuzzer_bounded(native_cases: dict[str, Case], tmp_path: Path) -> Non
     corpus.mkdir()
     for case in native_cases.values():
         (corpus / f"{case.name}.bin").write_bytes(first_bytes(case.path))
+    for found in (FUZZ / "regressions").glob("*.bin"):  # inputs that once crashed the core
+        (corpus / found.name).write_bytes(found.read_bytes())
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     proc = subprocess.run(

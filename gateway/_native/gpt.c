@@ -19,8 +19,8 @@ enum header_check { HEADER_OK = 0, HEADER_BAD = 1, HEADER_ABSURD = 2 };
 static int parse_header(const uint8_t *buf, uint32_t have, uint32_t ss, uint64_t want_lba,
                         struct gpt_header *out)
 {
-    if (!has_bytes(buf, have, 0, GPT_SIGNATURE, 8))
-        return HEADER_BAD;
+    if (!has_bytes(buf, have, 0, GPT_SIGNATURE, 8) || have < GPT_MIN_HEADER)
+        return HEADER_BAD; /* every field below lies in the first 92 bytes */
     uint32_t hsize = get_le32(buf + 12);
     if (hsize < GPT_MIN_HEADER || hsize > ss || hsize > have)
         return HEADER_BAD;
