@@ -34,7 +34,9 @@ MARKER = "hello from a storage-gateway container\n"
 VOLUME = "demo"
 MIB = 1024 * 1024
 FS_MIB = 64
-APPLETS = ("sh", "cat", "ls", "echo", "sleep", "sync", "mount", "ps", "hostname", "id", "uname")
+APPLETS = ("sh", "cat", "ls", "echo", "sleep", "sync", "mount", "umount", "mkdir", "rm", "touch",
+           "true", "false", "ps", "dd", "sha256sum", "hostname", "id", "uname", "grep", "stat",
+           "env", "printf", "kill")
 
 
 class DemoError(CommandError):
@@ -72,21 +74,23 @@ def say(message: str) -> None:
 # --- the demo image ------------------------------------------------------------------------
 
 
-def _rootfs_tree(root: Path) -> None:
-    for d in ("bin", "sbin", "etc", "dev", "proc", "sys", "tmp", "root", "run"):
+def busybox_tree(root: Path, *, marker: str = MARKER, hostname: str = "demo") -> Path:
+    """A minimal busybox rootfs: /etc/marker, and an /sbin/init that writes /run/booted."""
+    for d in ("bin", "sbin", "etc", "dev", "proc", "sys", "tmp", "root", "run", "var/log"):
         (root / d).mkdir(parents=True, exist_ok=True)
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy2(busybox, root / "bin" / "busybox")
     for applet in APPLETS:
         (root / "bin" / applet).symlink_to("busybox")
-    (root / "etc" / "marker").write_text(MARKER)
+    (root / "etc" / "marker").write_text(marker)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (root / "etc" / "group").write_text("root:x:0:\n")
-    (root / "etc" / "hostname").write_text("demo\n")
+    (root / "etc" / "hostname").write_text(f"{hostname}\n")
     init = root / "sbin" / "init"
     init.write_text("#!/bin/sh\necho booted > /run/booted\nexec sleep 2147483647\n")
     init.chmod(0o755)
     (root / "tmp").chmod(0o1777)
+    return root
 
 
 def build_image(out: Path) -> bool:
@@ -97,7 +101,7 @@ def build_image(out: Path) -> bool:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="demo-image-", dir=out.parent) as tmp:
         work = Path(tmp)
-        _rootfs_tree(work / "tree")
+        busybox_tree(work / "tree")
         partial = work / "demo.qcow2"
         filesystem_image(partial, work, (FS_MIB + 2) * MIB, "ext4", "qcow2", partitioned=True,
                          label="rootfs", tree=work / "tree")

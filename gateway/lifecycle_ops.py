@@ -77,6 +77,16 @@ def _reserve(gw: Gateway, name: str) -> None:
     raise AlreadyExists(f"volume {name} already exists")
 
 
+def _reserve_image(gw: Gateway, name: str, fmt: str) -> Path:
+    """Claim the name and choose the new image's path (released again if that fails)."""
+    _reserve(gw, name)
+    try:
+        return lifecycle.new_image_path(gw.settings.state_dir, name, fmt)
+    except BaseException:
+        RESERVED.discard(name)
+        raise
+
+
 def _prune() -> None:
     finished = [j for j in JOBS.values() if j.state != "running"]
     for job in finished[:-MAX_FINISHED_JOBS]:
@@ -233,12 +243,7 @@ async def volume_create(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     label = _str(args, "label")
     partitioned = arg_bool(args, "partitioned")
     lifecycle.check_blank(size, fmt, fs, label)
-    _reserve(gw, name)
-    try:
-        final = lifecycle.new_image_path(gw.settings.state_dir, name, fmt)
-    except BaseException:
-        RESERVED.discard(name)
-        raise
+    final = _reserve_image(gw, name, fmt)
     return start_job(gw, "blank", name, lambda progress, cancel: lifecycle.build_blank(
         name, final, size, fmt, fs, label=label, partitioned=partitioned, progress=progress,
         cancel=cancel))
@@ -255,12 +260,7 @@ async def volume_import(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     label = _str(args, "label")
     partitioned = arg_bool(args, "partitioned")
     lifecycle.check_blank(size, fmt, "ext4", label)
-    _reserve(gw, name)
-    try:
-        final = lifecycle.new_image_path(gw.settings.state_dir, name, fmt)
-    except BaseException:
-        RESERVED.discard(name)
-        raise
+    final = _reserve_image(gw, name, fmt)
     return start_job(gw, "import", name, lambda progress, cancel: lifecycle.build_import(
         name, final, source, size, fmt, label=label, partitioned=partitioned, progress=progress,
         cancel=cancel))

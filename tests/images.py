@@ -12,12 +12,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.demo import busybox_tree
+
 MARKER = "storage-gateway marker\n"
 MIB = 1024 * 1024
-BUSYBOX_APPLETS = (
-    "sh", "cat", "ls", "echo", "sleep", "sync", "mount", "umount", "mkdir", "rm", "touch",
-    "true", "false", "ps", "dd", "sha256sum", "hostname", "id", "grep", "stat", "env", "printf",
-)
 
 
 def run(*argv: str | os.PathLike[str], stdin: bytes | None = None) -> None:
@@ -26,24 +24,8 @@ def run(*argv: str | os.PathLike[str], stdin: bytes | None = None) -> None:
 
 
 def build_rootfs_tree(root: Path) -> Path:
-    """A minimal busybox rootfs with /etc/marker."""
-    for d in ("bin", "sbin", "etc", "dev", "proc", "sys", "tmp", "root", "run", "var/log"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    busybox = Path("/bin/busybox")
-    shutil.copy2(busybox, root / "bin" / "busybox")
-    for applet in BUSYBOX_APPLETS:
-        link = root / "bin" / applet
-        if not link.exists():
-            link.symlink_to("busybox")
-    (root / "etc" / "marker").write_text(MARKER)
-    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc" / "group").write_text("root:x:0:\n")
-    (root / "etc" / "hostname").write_text("gateway-test\n")
-    init = root / "sbin" / "init"
-    init.write_text("#!/bin/sh\necho booted > /run/booted\nexec sleep 100000\n")
-    init.chmod(0o755)
-    (root / "tmp").chmod(0o1777)
-    return root
+    """A minimal busybox rootfs with /etc/marker (the demo's builder, with the tests' marker)."""
+    return busybox_tree(root, marker=MARKER, hostname="gateway-test")
 
 
 def make_fs_image(path: Path, size: int, tree: Path | None, fs: str = "ext4",
