@@ -33,6 +33,7 @@ import mmap
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -407,7 +408,7 @@ class Bench:
     def _container(self, stack: contextlib.ExitStack) -> None:
         from gateway.lxc import libvirtd
         from gateway.lxc.connection import DEFAULT_URI, is_reachable
-        from gateway.lxc.domain import domain_xml, start_domain, stop_domain
+        from gateway.lxc.domain import domain_xml
 
         # A libvirtd shared with other sessions may hang in a hook: ask in a thread, bounded.
         answer: list[bool] = []
@@ -421,7 +422,13 @@ class Bench:
         daemon = self.start_daemon("ct", libvirt_uri="lxc:///")
         prepare_rootfs_root(daemon.run_dir)
         stack.callback(self._cleanup_daemon, daemon)
-        handle = libvirtd.ensure_libvirtd([daemon.run_dir / "rootfs"])
+        # A private hooks dir holding the gateway hook for this daemon, as a deployment would
+        # have it (a hook left in /etc/libvirt/hooks by `make run` names another socket).
+        from gateway.lxc.hook import install_hook
+        hooks = self.work / "hooks"
+        hooks.mkdir(exist_ok=True)
+        install_hook(hooks, str(daemon.socket))
+        handle = libvirtd.ensure_libvirtd([daemon.run_dir / "rootfs"], hooks_dir=hooks)
         stack.callback(handle.stop)
         if not handle.owned and not reaches_libvirtd(daemon.run_dir / "rootfs"):
             raise RuntimeError("a libvirtd was already running and mounts under this run dir "
@@ -448,12 +455,12 @@ class Bench:
                         xml = domain_xml(name, str(plain), "plain", "bind", init="/bin/sh",
                                          args=args)
                         t = time.perf_counter()
-                        start_domain(xml)
+                        start_plain_domain(xml)
                         try:
                             wait_file(plain / "run" / token)
                             out[label].append(time.perf_counter() - t)
                         finally:
-                            stop_domain(name)
+                            stop_plain_domain(name)
                         continue
                     premount = label == "gateway (premounted)"
                     if premount:
@@ -480,6 +487,26 @@ class Bench:
         leaked = daemon.cleanup()
         if leaked:
             self.results.setdefault("leaks", []).extend(leaked)
+
+
+def start_plain_domain(xml: str) -> None:
+    """A transient domain on a plain directory: no gateway metadata, so no hook work."""
+    import libvirt
+    xml = re.sub(r"<metadata>.*?</metadata>", "", xml, flags=re.S)
+    conn = libvirt.open("lxc:///")
+    try:
+        conn.createXML(xml, 0)
+    finally:
+        conn.close()
+
+
+def stop_plain_domain(name: str) -> None:
+    import libvirt
+    conn = libvirt.open("lxc:///")
+    try:
+        conn.lookupByName(name).destroy()
+    finally:
+        conn.close()
 
 
 def reaches_libvirtd(shared: Path) -> bool:
