@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from gateway.nbd.qsd import StorageDaemon
 from tests.gatewayd import Daemon
 from tests.images import ImageSet, build_image_set
 
@@ -28,3 +30,13 @@ def gatewayd(tmp_path: Path) -> Iterator[Daemon]:
         leaked = daemon.cleanup()
         assert code == 0, f"gatewayd exited {code}:\n{daemon.log_tail()}"
         assert not leaked, f"leaked: {leaked}"
+
+
+@pytest.fixture
+async def qsd(tmp_path: Path) -> AsyncIterator[StorageDaemon]:
+    """A running qemu-storage-daemon supervisor with no exports, stopped afterwards."""
+    daemon = StorageDaemon(tmp_path / "run", lambda: [])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        yield daemon
+        nursery.cancel_scope.cancel()

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import trio
 
 from gateway.nbd.client import NBDClient
 from gateway.nbd.nodes import ExportSpec
@@ -19,14 +17,6 @@ from tests.images import ImageSet
 SECRET = b"TOP-SECRET-HOST-FILE-0123456789"
 MIB = 1 << 20
 
-
-@pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[StorageDaemon]:
-    sd = StorageDaemon(tmp_path / "run", lambda: [])
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sd.run)
-        yield sd
-        nursery.cancel_scope.cancel()
 
 
 def evil_image(tmp_path: Path) -> tuple[Path, Path]:
@@ -53,11 +43,11 @@ async def read_all(uri: str) -> bytes:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("read_only", [True, False])
-async def test_raw_volume_with_qcow2_header_is_plain_data(daemon: StorageDaemon, tmp_path: Path,
+async def test_raw_volume_with_qcow2_header_is_plain_data(qsd: StorageDaemon, tmp_path: Path,
                                                           read_only: bool) -> None:
     evil, _secret = evil_image(tmp_path)
     own = evil.read_bytes()
-    uri = await daemon.export(ExportSpec("evil", str(evil), "raw", read_only=read_only))
+    uri = await qsd.export(ExportSpec("evil", str(evil), "raw", read_only=read_only))
     via_client = await read_all(uri)
     via_nbdcopy = nbdcopy(uri, tmp_path / "copy.bin")
     # qemu serves whole 512-byte sectors: an unaligned file is padded with zeros
@@ -68,15 +58,15 @@ async def test_raw_volume_with_qcow2_header_is_plain_data(daemon: StorageDaemon,
         assert served[len(own):] == bytes(padded - len(own))
         assert SECRET not in served
     # the commands sent named the raw driver over the file; no backing anywhere
-    adds = [a for c, a in daemon.sent if c == "blockdev-add"]
+    adds = [a for c, a in qsd.sent if c == "blockdev-add"]
     assert [a["driver"] for a in adds] == ["file", "raw"]
 
 
 @pytest.mark.timeout(60)
-async def test_qcow2_volume_never_opens_header_named_backing(daemon: StorageDaemon,
+async def test_qcow2_volume_never_opens_header_named_backing(qsd: StorageDaemon,
                                                              tmp_path: Path) -> None:
     evil, _secret = evil_image(tmp_path)
-    uri = await daemon.export(ExportSpec("evilq", str(evil), "qcow2", read_only=True))
+    uri = await qsd.export(ExportSpec("evilq", str(evil), "qcow2", read_only=True))
     served = await read_all(uri)
     assert len(served) == MIB
     assert SECRET not in served
@@ -84,23 +74,23 @@ async def test_qcow2_volume_never_opens_header_named_backing(daemon: StorageDaem
 
 
 @pytest.mark.timeout(60)
-async def test_genuine_qcow2_registered_as_raw_serves_container(daemon: StorageDaemon,
+async def test_genuine_qcow2_registered_as_raw_serves_container(qsd: StorageDaemon,
                                                                 image_set: ImageSet,
                                                                 tmp_path: Path) -> None:
     qcow = image_set.path("gpt", "qcow2")
-    uri = await daemon.export(ExportSpec("asraw", str(qcow), "raw", read_only=True))
+    uri = await qsd.export(ExportSpec("asraw", str(qcow), "raw", read_only=True))
     assert await read_all(uri) == qcow.read_bytes()
     assert nbdcopy(uri, tmp_path / "c.bin") == qcow.read_bytes()
 
 
 @pytest.mark.timeout(60)
-async def test_qcow2_serves_its_guest_view(daemon: StorageDaemon, image_set: ImageSet,
+async def test_qcow2_serves_its_guest_view(qsd: StorageDaemon, image_set: ImageSet,
                                            tmp_path: Path) -> None:
     qcow = image_set.path("gpt", "qcow2")
     expected = tmp_path / "expected.raw"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, expected],
                    check=True)
-    uri = await daemon.export(ExportSpec("guest", str(qcow), "qcow2", read_only=True))
+    uri = await qsd.export(ExportSpec("guest", str(qcow), "qcow2", read_only=True))
     want = expected.read_bytes()
     assert await read_all(uri) == want
     assert nbdcopy(uri, tmp_path / "c.bin") == want

@@ -6,7 +6,6 @@ import hashlib
 import os
 import random
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ from gateway.nbd.qsd import StorageDaemon
 MIB = 1 << 20
 
 
-@pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[StorageDaemon]:
-    sd = StorageDaemon(tmp_path / "run", lambda: [])
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sd.run)
-        yield sd
-        nursery.cancel_scope.cancel()
-
 
 def test_parse_uri() -> None:
     assert parse_uri("nbd+unix:///vol-1?socket=/run/x/nbd.sock") == ("/run/x/nbd.sock", "vol-1")
@@ -38,16 +29,16 @@ def test_parse_uri() -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_concurrent_reads_and_writes_many_tasks(daemon: StorageDaemon,
+async def test_concurrent_reads_and_writes_many_tasks(qsd: StorageDaemon,
                                                       tmp_path: Path) -> None:
     size = 48 * MIB
     path = tmp_path / "c.raw"
     with open(path, "wb") as f:
         f.truncate(size)
-    uri = await daemon.export(ExportSpec("c", str(path), "raw", read_only=False))
+    uri = await qsd.export(ExportSpec("c", str(path), "raw", read_only=False))
     model = bytearray(size)
     rng = random.Random(7)
-    async with NBDClient.open(str(daemon.nbd_path), "c") as c:
+    async with NBDClient.open(str(qsd.nbd_path), "c") as c:
         assert c.size == size and not c.read_only
         # big writes (larger than a chunk) fill the socket: exercises the BOTH direction path
         blobs = [(i * 8 * MIB, os.urandom(8 * MIB - 4096)) for i in range(6)]
@@ -95,13 +86,13 @@ async def test_concurrent_reads_and_writes_many_tasks(daemon: StorageDaemon,
 
 
 @pytest.mark.timeout(30)
-async def test_cancelled_reader_does_not_break_the_connection(daemon: StorageDaemon,
+async def test_cancelled_reader_does_not_break_the_connection(qsd: StorageDaemon,
                                                               tmp_path: Path) -> None:
     path = tmp_path / "x.raw"
     content = os.urandom(16 * MIB)
     path.write_bytes(content)
-    await daemon.export(ExportSpec("x", str(path), "raw", read_only=True))
-    async with NBDClient.open(str(daemon.nbd_path), "x") as c:
+    await qsd.export(ExportSpec("x", str(path), "raw", read_only=True))
+    async with NBDClient.open(str(qsd.nbd_path), "x") as c:
         for _ in range(20):
             with trio.move_on_after(0.0005):
                 await c.read_at(0, 16 * MIB)
@@ -109,16 +100,16 @@ async def test_cancelled_reader_does_not_break_the_connection(daemon: StorageDae
 
 
 @pytest.mark.timeout(30)
-async def test_closed_client_and_unknown_export(daemon: StorageDaemon, tmp_path: Path) -> None:
+async def test_closed_client_and_unknown_export(qsd: StorageDaemon, tmp_path: Path) -> None:
     with pytest.raises(NBDError, match="no export"):
-        async with NBDClient.open(str(daemon.nbd_path), "nope"):
+        async with NBDClient.open(str(qsd.nbd_path), "nope"):
             pass
     with pytest.raises(NBDError):
         async with NBDClient.open(str(tmp_path / "no-such.sock"), "x"):
             pass
     path = tmp_path / "y.raw"
     path.write_bytes(bytes(MIB))
-    uri = await daemon.export(ExportSpec("y", str(path), "raw", read_only=True))
+    uri = await qsd.export(ExportSpec("y", str(path), "raw", read_only=True))
     async with trio.open_nursery() as nursery:
         c = await NBDClient.connect(uri, nursery=nursery)
         assert c.connected and c.can_multi_conn
@@ -130,18 +121,18 @@ async def test_closed_client_and_unknown_export(daemon: StorageDaemon, tmp_path:
 
 
 @pytest.mark.timeout(30)
-async def test_unexport_with_connected_client(daemon: StorageDaemon, tmp_path: Path) -> None:
+async def test_unexport_with_connected_client(qsd: StorageDaemon, tmp_path: Path) -> None:
     from gateway.errors import Conflict
     path = tmp_path / "z.raw"
     path.write_bytes(bytes(MIB))
-    uri = await daemon.export(ExportSpec("z", str(path), "raw", read_only=True))
+    uri = await qsd.export(ExportSpec("z", str(path), "raw", read_only=True))
     async with NBDClient.open(uri) as c:
         await c.read_at(0, 512)
         with pytest.raises(Conflict):
-            await daemon.unexport("z")
-        await daemon.unexport("z", force=True)
+            await qsd.unexport("z")
+        await qsd.unexport("z", force=True)
         with pytest.raises(NBDError):
             for _ in range(100):
                 await c.read_at(0, 512)
                 await trio.sleep(0.01)
-    assert daemon.exported() == set()
+    assert qsd.exported() == set()
