@@ -331,21 +331,20 @@ class Catalog:
             db.execute("DELETE FROM attachment_steps WHERE volume = ?", (volume,))
             db.execute("DELETE FROM attachments WHERE volume = ?", (volume,))
 
+    def _attachment(self, row: sqlite3.Row) -> AttachmentRecord:
+        steps = tuple(
+            (s["step"], json.loads(s["detail"])) for s in self._query(
+                "SELECT step, detail FROM attachment_steps WHERE volume = ? ORDER BY id",
+                (row["volume"],)))
+        return AttachmentRecord(
+            volume=row["volume"], mode=row["mode"], state=row["state"], rootfs=row["rootfs"],
+            window_start=row["window_start"], window_size=row["window_size"],
+            created=row["created"], steps=steps)
+
     def attachments(self) -> list[AttachmentRecord]:
-        records = []
-        for row in self._query("SELECT * FROM attachments ORDER BY volume"):
-            steps = tuple(
-                (s["step"], json.loads(s["detail"])) for s in self._query(
-                    "SELECT step, detail FROM attachment_steps WHERE volume = ? ORDER BY id",
-                    (row["volume"],)))
-            records.append(AttachmentRecord(
-                volume=row["volume"], mode=row["mode"], state=row["state"], rootfs=row["rootfs"],
-                window_start=row["window_start"], window_size=row["window_size"],
-                created=row["created"], steps=steps))
-        return records
+        return [self._attachment(row)
+                for row in self._query("SELECT * FROM attachments ORDER BY volume")]
 
     def attachment(self, volume: str) -> AttachmentRecord | None:
-        for record in self.attachments():
-            if record.volume == volume:
-                return record
-        return None
+        rows = self._query("SELECT * FROM attachments WHERE volume = ?", (volume,))
+        return self._attachment(rows[0]) if rows else None

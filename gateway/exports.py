@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import trio
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from gateway.fuse.blockview import BlockView
 
 log = logging.getLogger("gateway.exports")
+T = TypeVar("T")
 RECONNECT_TIMEOUT = 15.0
 CONNECTION_ERRNOS = frozenset({errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN})
 
@@ -79,15 +81,8 @@ class VolumeBackend:
     def read_only(self) -> bool:
         return self.client.read_only
 
-    def _connection_lost(self, failed: NBDError) -> bool:
-        # The poller marks a connection dead only when it sees the socket fail; a request can
-        # meet the dead handle first (ENOTCONN, or libnbd's "invalid state: DEAD"), and then
-        # `connected` still says True. Found by the QSD kill -9 soak (tests/faults).
-        return (not self.client.connected or failed.errno in CONNECTION_ERRNOS
-                or "invalid state: DEAD" in failed.message)
-
     async def _recover(self, failed: NBDError) -> None:
-        if not self._connection_lost(failed):
+        if self.client.connected and failed.errno not in CONNECTION_ERRNOS:
             raise failed  # the request itself failed; the connection is fine
         generation = self.reconnects
         async with self._reconnecting:
@@ -112,26 +107,22 @@ class VolumeBackend:
             self.reconnects += 1
             log.info("reconnected to export", extra=fields(volume=self.client.export_name))
 
-    async def read_at(self, offset: int, length: int) -> bytes:
+    async def _retried(self, request: Callable[[], Awaitable[T]]) -> T:
+        """Run a request; after a lost connection, reconnect once and run it again."""
         try:
-            return await self.client.read_at(offset, length)
+            return await request()
         except NBDError as exc:
             await self._recover(exc)
-            return await self.client.read_at(offset, length)
+            return await request()
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        return await self._retried(lambda: self.client.read_at(offset, length))
 
     async def write_at(self, offset: int, data: bytes) -> None:
-        try:
-            await self.client.write_at(offset, data)
-        except NBDError as exc:
-            await self._recover(exc)
-            await self.client.write_at(offset, data)
+        await self._retried(lambda: self.client.write_at(offset, data))
 
     async def flush(self) -> None:
-        try:
-            await self.client.flush()
-        except NBDError as exc:
-            await self._recover(exc)
-            await self.client.flush()
+        await self._retried(self.client.flush)
 
 
 @dataclass

@@ -287,7 +287,9 @@ class NBDClient:
 
     @property
     def connected(self) -> bool:
-        return self._conn is not None and self._conn.dead is None
+        # A request can meet a handle libnbd already declared dead before the poller notices.
+        conn = self._conn
+        return conn is not None and conn.dead is None and not conn.h.aio_is_dead()
 
     # ---- I/O -----------------------------------------------------------------------------------
 
