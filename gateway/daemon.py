@@ -25,7 +25,7 @@ from gateway.fuse.blockview import BlockView
 from gateway.log import fields
 from gateway.metrics import Metrics
 from gateway.nbd.qsd import StorageDaemon
-from gateway.rootfs import RootfsManager, reconcile_all
+from gateway.rootfs import RootfsManager, made_own_export, reconcile_all
 from gateway.server import AccessPolicy, AdminServer
 from gateway.service import Gateway
 
@@ -101,7 +101,7 @@ async def reconcile(gateway: Gateway) -> None:
     for name, steps in journals:
         if any(step == "fuse2fs" for step, _ in steps):
             gateway.catalog.set_fsck_needed(name, True)  # its fuse2fs died with the daemon
-        if any(step == "export" and detail.get("auto") for step, detail in steps):
+        if made_own_export(steps):
             gateway.catalog.set_exported(name, False)  # the mount made that export
         gateway.catalog.end_attachment(name)
     found = sum(len(v["found"]) for v in report["volumes"].values()) + len(report["sweep"]["found"])

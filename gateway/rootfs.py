@@ -49,6 +49,11 @@ class Phases:
         return {k: round(v, 6) for k, v in self.timings.items()}
 
 
+def made_own_export(steps: Any) -> bool:
+    """Whether the journalled mount exported its volume itself (and so must unexport it)."""
+    return any(step == "export" and detail.get("auto") for step, detail in steps)
+
+
 class RootfsManager:
     def __init__(self, run_dir: Path, catalog: Catalog, exports: Exports, view: BlockView,
                  locks: Any, nursery: trio.Nursery) -> None:
@@ -199,8 +204,7 @@ class RootfsManager:
                 lambda: attachment.reconcile(self.run_dir, name, steps))
             if report.remaining:
                 raise attachment.TeardownIncomplete(name, report.remaining)
-        auto = any(step == "export" and detail.get("auto")
-                   for step, detail in (record.steps if record else ()))
+        auto = record is not None and made_own_export(record.steps)
         if name in self.view.volumes():
             await self.view.close_window(name)
             export = self.exports.active.get(name)
