@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from gateway import heap
 from gateway import log as gwlog
 from gateway.attachment import prepare_rootfs_root
 from gateway.catalog import Catalog
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in OP_MODULES:
         importlib.import_module(module)
     gwlog.setup(settings.log_level)
+    heap.retain_io_buffers()
     try:
         trio.run(serve, settings)
     except KeyboardInterrupt:

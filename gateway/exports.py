@@ -115,7 +115,7 @@ class VolumeBackend:
             await self._recover(exc)
             return await request()
 
-    async def read_at(self, offset: int, length: int) -> bytes:
+    async def read_at(self, offset: int, length: int) -> bytearray:
         return await self._retried(lambda: self.client.read_at(offset, length))
 
     async def write_at(self, offset: int, data: bytes) -> None:

@@ -34,7 +34,7 @@ _MAX_REQUESTS = 512
 
 JsonDict = dict[str, Any]
 SyncReader = Callable[[int, int], bytes]
-AsyncReader = Callable[[int, int], Awaitable[bytes]]
+AsyncReader = Callable[[int, int], Awaitable[bytes | bytearray]]
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,9 @@ class DiskProbe:
         n = self._lib.probe_next_requests(self._handle, self._reqs, _MAX_REQUESTS)
         return [(int(self._reqs[i].offset), int(self._reqs[i].length)) for i in range(n)]
 
-    def feed(self, offset: int, data: bytes) -> None:
+    def feed(self, offset: int, data: bytes | bytearray) -> None:
         """Supply the bytes for a request (shorter than asked at the end of the data is fine)."""
-        if self._lib.probe_feed(self._handle, offset, data, min(len(data), 0xFFFFFFFF)) != 0:
+        if self._lib.probe_feed(self._handle, offset, bytes(data), min(len(data), 0xFFFFFFFF)) != 0:
             raise ProbeError(f"probe: no outstanding read at offset {offset}")
 
     def layout(self) -> DiskLayout:

@@ -136,3 +136,28 @@ async def test_unexport_with_connected_client(qsd: StorageDaemon, tmp_path: Path
                 await c.read_at(0, 512)
                 await trio.sleep(0.01)
     assert qsd.exported() == set()
+
+
+def _rss_mib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.timeout(60)
+async def test_requests_do_not_keep_their_buffers(qsd: StorageDaemon, tmp_path: Path) -> None:
+    """Regression: with nbd.Buffer, libnbd 1.14 kept every request's buffer alive for good, so
+    each block-view read grew gatewayd by the bytes it read (100 MiB per 100 MiB read)."""
+    path = tmp_path / "m.raw"
+    path.write_bytes(os.urandom(8 * MIB))
+    await qsd.export(ExportSpec("m", str(path), "raw", read_only=False))
+    async with NBDClient.open(str(qsd.nbd_path), "m") as c:
+        await c.read_at(0, MIB)
+        before = _rss_mib()
+        payload = os.urandom(MIB)
+        for i in range(200):
+            assert len(await c.read_at((i % 8) * MIB, MIB)) == MIB
+            await c.write_at((i % 8) * MIB, payload)
+        grown = _rss_mib() - before
+    assert grown < 48, f"400 MiB of I/O grew the process by {grown} MiB"

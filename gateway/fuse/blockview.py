@@ -323,12 +323,15 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
             log.warning("block view: %s/%s: %s", h.volume.name, h.kind, exc)
             raise pyfuse3.FUSEError(_fuse_errno(exc)) from None
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(  # type: ignore[override]  # pyfuse3 replies from any buffer object
+            self, fh: int, off: int, size: int) -> bytes | bytearray:
         h = self._handle(fh)
         if off >= h.size or size <= 0:
             return b""
         length = min(size, h.size - off)
-        data: bytes = await self._call(lambda: h.volume.backend.read_at(h.start + off, length), h)
+        # Any buffer will do: pyfuse3 replies from it before another task runs.
+        data: bytes | bytearray = await self._call(
+            lambda: h.volume.backend.read_at(h.start + off, length), h)
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -337,7 +340,7 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
             raise pyfuse3.FUSEError(errno.EBADF)
         if off >= h.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
-        data = bytes(buf[: h.size - off])
+        data = buf if off + len(buf) <= h.size else buf[: h.size - off]
         await self._call(lambda: h.volume.backend.write_at(h.start + off, data), h)
         return len(data)
 

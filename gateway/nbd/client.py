@@ -17,6 +17,12 @@ non-blocking and libnbd only queues/sends what fits) and then kick the poller if
 to write, because the poller may be parked in a readable-only wait. Completion callbacks only
 store the errno and wake the waiting task; they never touch the handle.
 
+Buffers: requests take plain buffer objects (a bytearray or a memoryview of one), never
+`nbd.Buffer`. libnbd 1.14's binding takes a new reference to an nbd.Buffer's storage on every
+aio_pread/aio_pwrite and never drops it, so each request leaked its whole buffer (100 requests of
+1 MiB grew the process by 100 MiB); plain buffers are released on completion. Reads land directly
+in the bytearray handed back to the caller, so nothing is copied on the way.
+
 Every libnbd error (nbd.Error) is mapped here, once, into BackendError with `.errno`. When the
 server goes away (QSD restart) every in-flight and later call fails with BackendError;
 `reconnect()` opens a fresh handle to the same export.
@@ -38,7 +44,8 @@ from gateway.errors import BackendError, InvalidArgument
 
 DEPTH = 64                     # requests in flight per connection
 DEFAULT_MAX_REQUEST = 32 << 20  # NBD's customary maximum when the server says nothing
-CHUNK = 2 << 20               # large reads and writes are split into requests of this size
+CHUNK = 2 << 20               # large writes are split into requests of this size
+READ_CHUNK = 256 << 10        # large reads: in flight together, so QSD reads them in parallel
 CONNECT_TIMEOUT = 10.0
 
 
@@ -77,17 +84,36 @@ def _close_handle(h: nbd.NBD) -> None:
 
 
 class _Request:
-    __slots__ = ("buf", "done", "errno")
+    """One command in flight. Its task waits without checkpoints or events (the hot path of
+    every block-view read) and cannot be cancelled: libnbd owns `buf` until completion."""
+
+    __slots__ = ("_task", "buf", "errno", "finished")
 
     def __init__(self, buf: Any = None) -> None:
-        self.done = trio.Event()
+        self.finished = False
         self.errno = 0
         self.buf = buf  # kept alive until libnbd is done with it
+        self._task: trio.lowlevel.Task | None = None
 
     def complete(self, err: Any) -> int:
-        self.errno = int(getattr(err, "value", 0) or 0)
-        self.done.set()
+        """libnbd's completion callback (runs inside aio_notify_* on the trio thread)."""
+        self.finish(int(getattr(err, "value", 0) or 0))
         return 1  # retire the command
+
+    def finish(self, code: int) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.errno = code
+        if self._task is not None:
+            trio.lowlevel.reschedule(self._task)
+            self._task = None
+
+    async def wait(self) -> None:
+        if self.finished:
+            return
+        self._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
 
 class _Connection:
@@ -118,9 +144,7 @@ class _Connection:
         if self.dead is None:
             self.dead = why
         for r in list(self.inflight):
-            if not r.done.is_set():
-                r.errno = r.errno or errno_mod.ENOTCONN
-                r.done.set()
+            r.finish(r.errno or errno_mod.ENOTCONN)
         self.inflight.clear()
         self.ready.set()
 
@@ -189,7 +213,8 @@ class NBDClient:
         self.export_name = export_name
         self._nursery = nursery
         self._conn: _Connection | None = None
-        self._slots = trio.Semaphore(DEPTH)
+        self._busy = 0  # requests in flight; at most DEPTH
+        self._slot_free = trio.lowlevel.ParkingLot()
         self._closed = False
         self.size = 0
         self.read_only = True
@@ -246,6 +271,7 @@ class NBDClient:
         conn = _Connection(h, self.label)
         try:
             h.set_export_name(self.export_name)
+            h.set_pread_initialize(False)  # read buffers are zeroed bytearrays already
             h.aio_connect_unix(self.socket_path)
             conn.fd = h.aio_get_fd()
         except nbd.Error as exc:
@@ -303,7 +329,10 @@ class NBDClient:
 
     async def _submit(self, what: str, issue: Callable[[nbd.NBD, _Request], Any],
                       buf: Any = None) -> _Request:
-        async with self._slots:
+        while self._busy >= DEPTH:
+            await self._slot_free.park()
+        self._busy += 1
+        try:
             conn = self._live()
             req = _Request(buf)
             try:
@@ -312,48 +341,47 @@ class NBDClient:
                 raise _map(exc, f"{self.label}: {what}") from None
             conn.inflight.add(req)
             conn.kick()
-            with trio.CancelScope(shield=True):
-                # libnbd owns `buf` until completion; cancelling the wait would free it early
-                await req.done.wait()
+            await req.wait()
             conn.inflight.discard(req)
-            if req.errno:
-                name = errno_mod.errorcode.get(req.errno, "error")
-                raise NBDError(f"nbd: {self.label}: {what}: {name} ({req.errno})",
-                               errno=req.errno)
-            return req
+        finally:
+            self._busy -= 1
+            self._slot_free.unpark()
+        if req.errno:
+            name = errno_mod.errorcode.get(req.errno, "error")
+            raise NBDError(f"nbd: {self.label}: {what}: {name} ({req.errno})", errno=req.errno)
+        return req
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise InvalidArgument(f"nbd: {self.label}: range {offset}+{length} outside "
                                   f"0..{self.size}")
 
-    async def _read_chunk(self, offset: int, length: int) -> bytes:
-        buf = nbd.Buffer(length)
-        await self._submit(f"read {offset}+{length}",
-                           lambda h, r: h.aio_pread(buf, offset, r.complete), buf)
-        return bytes(buf.to_bytearray())
+    async def _read_into(self, offset: int, view: memoryview) -> None:
+        # libnbd writes straight into the caller's memory: no copy on the way back.
+        await self._submit(f"read {offset}+{len(view)}",
+                           lambda h, r: h.aio_pread(view, offset, r.complete), view)
 
-    async def read_at(self, offset: int, length: int) -> bytes:
+    async def read_at(self, offset: int, length: int) -> bytearray:
+        """Bytes [offset, offset+length) in one buffer the caller owns (large reads are split
+        into READ_CHUNK-sized requests in flight together)."""
         self._check_range(offset, length)
+        data = bytearray(length)
         if length == 0:
-            return b""
-        step = min(CHUNK, self.max_request)
+            return data
+        view = memoryview(data)
+        step = min(READ_CHUNK, self.max_request)
         if length <= step:
-            return await self._read_chunk(offset, length)
-        parts: dict[int, bytes] = {}
-
-        async def one(off: int, n: int) -> None:
-            parts[off] = await self._read_chunk(off, n)
-
+            await self._read_into(offset, view)
+            return data
         async with trio.open_nursery() as nursery:
-            for off in range(offset, offset + length, step):
-                nursery.start_soon(one, off, min(step, offset + length - off))
-        return b"".join(parts[k] for k in sorted(parts))
+            for i in range(0, length, step):
+                nursery.start_soon(self._read_into, offset + i, view[i:i + step])
+        return data
 
-    async def _write_chunk(self, offset: int, data: bytes | memoryview) -> None:
-        buf = nbd.Buffer.from_bytearray(bytearray(data))
+    async def _write_chunk(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        # The caller's buffer is shared, not copied: write_at holds it until completion.
         await self._submit(f"write {offset}+{len(data)}",
-                           lambda h, r: h.aio_pwrite(buf, offset, r.complete), buf)
+                           lambda h, r: h.aio_pwrite(data, offset, r.complete), data)
 
     async def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_range(offset, len(data))
