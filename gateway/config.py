@@ -8,11 +8,25 @@ from pathlib import Path
 
 DEFAULT_STATE_DIR = Path("/var/lib/storage-gateway")
 DEFAULT_RUN_DIR = Path("/run/storage-gateway")
+DEFAULT_EXPORT_LINGER = 10.0
 
 
 def env_path(name: str, default: Path) -> Path:
     value = os.environ.get(name)
     return Path(value) if value else default
+
+
+def env_seconds(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a number of seconds") from None
+    if not 0 <= seconds <= 86400:
+        raise ValueError(f"{name}={value!r}: choose 0 to 86400 seconds")
+    return seconds
 
 
 def default_run_dir() -> Path:
@@ -43,6 +57,9 @@ class Settings:
     # libvirt connection followed for domain lifecycle events; "" turns that off.
     libvirt_uri: str = field(default_factory=lambda: os.environ.get("GATEWAY_LIBVIRT_URI",
                                                                     "lxc:///"))
+    # Seconds an export made by a mount stays open after the umount, for a quick remount.
+    export_linger: float = field(
+        default_factory=lambda: env_seconds("GATEWAY_EXPORT_LINGER", DEFAULT_EXPORT_LINGER))
 
     @property
     def catalog_path(self) -> Path:

@@ -123,7 +123,8 @@ async def start_components(gateway: Gateway, nursery: trio.Nursery) -> None:
     await nursery.start(view.run, run_dir / "blk")
     holder: list[Exports] = []
     qsd = StorageDaemon(run_dir, lambda: holder[0].desired() if holder else [])
-    exports = Exports(gateway.catalog, qsd, view, nursery)
+    exports = Exports(gateway.catalog, qsd, view, nursery, locks=gateway.lock,
+                      linger=gateway.settings.export_linger)
     holder.append(exports)
     await nursery.start(qsd.run)
     await trio.to_thread.run_sync(prepare_rootfs_root, run_dir)
@@ -139,8 +140,11 @@ async def start_components(gateway: Gateway, nursery: trio.Nursery) -> None:
 
 
 def parse_args(argv: list[str] | None) -> Settings:
-    defaults = Settings()
     parser = argparse.ArgumentParser(prog="gatewayd", description="storage-gateway daemon")
+    try:
+        defaults = Settings()
+    except ValueError as exc:
+        parser.error(str(exc))
     parser.add_argument("--state-dir", type=Path, default=defaults.state_dir,
                         help="holds the SQLite catalog (env GATEWAY_STATE_DIR)")
     parser.add_argument("--run-dir", type=Path, default=defaults.run_dir,
@@ -156,12 +160,18 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--libvirt-uri", default=defaults.libvirt_uri,
                         help="libvirt connection whose domain events gatewayd follows "
                              "(env GATEWAY_LIBVIRT_URI; empty to disable)")
+    parser.add_argument("--export-linger", type=float, default=defaults.export_linger,
+                        metavar="SECONDS",
+                        help="keep an export a mount made open this long after the umount, for "
+                             "a quick remount (env GATEWAY_EXPORT_LINGER; 0 closes at once)")
     ns = parser.parse_args(argv)
+    if not 0 <= ns.export_linger <= 86400:
+        parser.error("--export-linger: choose 0 to 86400 seconds")
     roots = (parse_roots(ns.allowed_roots) if ns.allowed_roots is not None
              else defaults.allowed_roots)
     return Settings(state_dir=ns.state_dir.absolute(), run_dir=ns.run_dir.absolute(),
                     admin_group=ns.admin_group, allowed_roots=roots, log_level=ns.log_level,
-                    libvirt_uri=ns.libvirt_uri)
+                    libvirt_uri=ns.libvirt_uri, export_linger=ns.export_linger)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,13 @@ one libnbd connection the gateway holds, and a `disk` file in the FUSE block vie
 remembers which volumes are exported, so QSD (after a crash) and gatewayd (after a restart)
 re-create them.
 
+An export a mount made for itself lingers after the umount (`release`): for `linger` seconds it
+stays open but idle, so a remount within that time (a container restarting) skips QSD's
+blockdev and export setup and the NBD handshake, about 5 ms of a 13 ms warm mount. An idle
+export is not desired state: the catalog forgets it, so a restarted gatewayd or QSD does not bring
+it back. Anything that needs the image file to itself (volume removal, resize, using it as a
+base) retires an idle export first with `retire`.
+
 `VolumeBackend` is what the block view and the probe read through. When QSD restarts, its
 connection drops; the next request waits for QSD to be ready again, reconnects once and retries,
 so a loop device over the block view sees a short stall instead of an I/O error.
@@ -29,7 +36,11 @@ from gateway.nbd.nodes import ExportSpec
 from gateway.nbd.qsd import StorageDaemon
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
     from gateway.fuse.blockview import BlockView
+
+    VolumeLocks = Callable[[str], AbstractAsyncContextManager[None]]
 
 log = logging.getLogger("gateway.exports")
 T = TypeVar("T")
@@ -136,12 +147,20 @@ class Exports:
     """Owns QSD's exports and the gateway's own connections to them."""
 
     def __init__(self, catalog: Catalog, qsd: StorageDaemon, view: BlockView,
-                 nursery: trio.Nursery) -> None:
+                 nursery: trio.Nursery, *, locks: VolumeLocks | None = None,
+                 linger: float = 0.0) -> None:
         self.catalog = catalog
         self.qsd = qsd
         self.view = view
         self.nursery = nursery
         self.active: dict[str, Export] = {}
+        self.idle: dict[str, object] = {}  # lingering exports -> token of their retirement timer
+        self.locks = locks
+        self.linger = linger
+
+    def in_use(self, name: str) -> bool:
+        """Exported and not merely lingering after a mount."""
+        return name in self.active and name not in self.idle
 
     def desired(self) -> list[ExportSpec]:
         """What QSD must export (read by QSD's supervisor when it restarts)."""
@@ -160,7 +179,15 @@ class Exports:
         return export
 
     async def open(self, name: str) -> Export:
-        """Export a volume and connect to it (idempotent). Caller holds the volume lock."""
+        """Export a volume and connect to it (idempotent); claims a lingering export. Caller
+        holds the volume lock."""
+        if name in self.idle:
+            del self.idle[name]
+            export = self.active[name]
+            if export.backend.client.connected:
+                self.catalog.set_exported(name, True)
+                return export
+            await self.close(name)  # QSD restarted meanwhile and dropped it: start afresh
         if name in self.active:
             return self.active[name]
         volume = self.catalog.volume(name)
@@ -184,8 +211,37 @@ class Exports:
         log.info("volume exported", extra=fields(volume=name, uri=uri))
         return export
 
+    async def release(self, name: str) -> None:
+        """The mount that made this export is gone: close it, or let it linger idle."""
+        export = self.active.get(name)
+        if export is None or self.linger <= 0 or self.locks is None:
+            await self.close(name)
+            return
+        await export.backend.flush()
+        token = object()
+        self.idle[name] = token
+        self.catalog.set_exported(name, False)
+        self.nursery.start_soon(self._retire_later, name, token)
+
+    async def _retire_later(self, name: str, token: object) -> None:
+        await trio.sleep(self.linger)
+        assert self.locks is not None
+        async with self.locks(name):
+            if self.idle.get(name) is token:
+                try:
+                    await self.retire(name)
+                except Exception as exc:
+                    log.error("retiring an idle export failed",
+                              extra=fields(volume=name, error=str(exc)))
+
+    async def retire(self, name: str) -> None:
+        """Close the export if it only lingers (no-op otherwise). Caller holds the volume lock."""
+        if self.idle.pop(name, None) is not None:
+            await self.close(name)
+
     async def close(self, name: str, *, forget: bool = True) -> bool:
         """Disconnect and remove an export (idempotent); `forget` also clears the catalog."""
+        self.idle.pop(name, None)
         export = self.active.get(name)
         if export is None:
             if forget:

@@ -156,6 +156,7 @@ async def _create_overlay(gw: Gateway, name: str, base_name: str, nosuid: bool,
                           noexec: bool) -> dict[str, Any]:
     async with gw.lock(base_name):
         base = gw.catalog.volume(base_name)
+        await gw.exports.retire(base_name)
         if not base.read_only and (base_name in gw.catalog.exported()
                                    or gw.catalog.attachment(base_name) is not None):
             raise Conflict(f"volume {base_name} is exported or mounted writable; umount and "
@@ -225,6 +226,8 @@ async def volume_create(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
         try:
             fmt = volumes.check_format(args.get("format") or gw.catalog.volume(source).format)
             base = gw.catalog.volume(source)
+            async with gw.lock(source):
+                await gw.exports.retire(source)
             spec = chain_spec(gw.catalog, base, top=False)
             if not base.read_only and (source in gw.catalog.exported()
                                        or gw.catalog.attachment(source) is not None):
@@ -286,7 +289,7 @@ async def _grow_filesystem(gw: Gateway, name: str) -> dict[str, Any]:
     for raw and qcow2, no loop device, nothing mounted for ext4."""
     from gateway import mkfs
     from gateway.probe import probe_reader_async
-    auto_export = name not in gw.exports.active
+    auto_export = not gw.exports.in_use(name)
     export = await gw.exports.open(name)
     view = gw.exports.view
     blk = gw.settings.run_dir / "blk" / name
@@ -330,6 +333,7 @@ async def volume_resize(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
             raise Conflict(f"volume {name} is the base of overlays; it cannot change")
         if volume.read_only or volume.block_device:
             raise Conflict(f"volume {name} is read-only or a block device; it cannot grow")
+        await gw.exports.retire(name)
         if gw.catalog.attachment(name) is not None or name in gw.catalog.exported():
             raise Conflict(f"volume {name} is mounted or exported; umount and unexport it first")
         if size > volume.virtual_size:  # equal: only grow the filesystem (a retry)
@@ -345,6 +349,8 @@ async def volume_resize(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
         finally:
             with trio.CancelScope(shield=True):
                 await gw.rootfs.umount(name)
+                async with gw.lock(name):
+                    await gw.exports.retire(name)  # resize leaves the image file free
         grown["grown"] = True
     log.info("volume resized", extra=fields(volume=name, size=size, **grown))
     return {**gw.volume_json(name), "filesystem": grown}

@@ -98,7 +98,7 @@ class RootfsManager:
                                       f"{volume.fstype}")
             phases: dict[str, float] = {}
             self.catalog.begin_attachment(name, mode, rootfs)
-            auto_export = name not in self.exports.active
+            auto_export = not self.exports.in_use(name)
             try:
                 self.catalog.journal(name, "export", {"auto": auto_export})
                 t = time.perf_counter()
@@ -211,7 +211,7 @@ class RootfsManager:
             if export is not None:
                 await export.backend.flush()
         if auto:
-            await self.exports.close(name)
+            await self.exports.release(name)
         self.catalog.end_attachment(name)
 
     def _watch_fuse2fs(self, name: str, att: attachment.Attachment) -> None:

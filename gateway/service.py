@@ -111,6 +111,8 @@ class Gateway:
         export = self._exports.active.get(name) if self._exports is not None else None
         out["exported"] = export is not None
         out["uri"] = export.uri if export is not None else None
+        # lingering after a umount, closed at the next volume change or after --export-linger
+        out["export_idle"] = self._exports is not None and name in self._exports.idle
         out["attachment"] = self._rootfs.attachment_of(name) if self._rootfs else None
         out["overlays"] = self.catalog.overlays_of(name)
         return out
@@ -171,6 +173,7 @@ async def volume_remove(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
             raise Conflict(f"volume {name} is mounted; umount it first")
         if name in gw.catalog.exported():
             raise Conflict(f"volume {name} is exported; unexport it first")
+        await gw.exports.retire(name)
         overlays = gw.catalog.overlays_of(name)
         if overlays:
             raise Conflict(f"volume {name} is the base of overlays {', '.join(overlays)}; "
