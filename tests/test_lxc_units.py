@@ -230,3 +230,22 @@ def measure_hook_latency(rounds: int = 30) -> dict[str, float]:
 if __name__ == "__main__":
     for case, ms in measure_hook_latency().items():
         print(f"{case:45s} {ms:6.1f} ms")
+
+
+def test_hook_loads_only_c_modules_on_the_gateway_path(tmp_path: Path) -> None:
+    """libvirtd waits for the hook on every domain operation: json, socket and ElementTree
+    (about 15 ms to import) must stay out of it, and the hand-rolled JSON must round-trip."""
+    sock = tmp_path / "admin.sock"
+    hook.install_hook(tmp_path, str(sock))
+    odd = 'v"1\\x'
+    xml = domain_xml("c1", f"/nonexistent/{odd}", odd, "bind")
+    with FakeGatewayd(sock, trees={odd: tmp_path}) as fake:
+        proc = subprocess.run(["/usr/bin/python3", "-IS", "-X", "importtime",
+                               str(tmp_path / hook.HOOK_NAME), "c1", "prepare", "begin", "-"],
+                              input=xml.encode(), capture_output=True, timeout=20)
+    assert proc.returncode == 0, proc.stderr
+    assert fake.requests[0]["args"] == {"name": odd, "mode": "bind"}
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.decode().splitlines()
+                if line.startswith("import time:")}
+    assert "pyexpat" in imported and "_socket" in imported
+    assert not imported & {"json", "socket", "xml.etree.ElementTree", "re", "enum"}
