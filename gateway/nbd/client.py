@@ -153,18 +153,10 @@ class _Connection:
         try:
             with self.scope:
                 while True:
-                    if h.aio_is_dead() or h.aio_is_closed():
-                        raise NBDError(f"nbd: {self.label}: connection lost",
-                                       errno=errno_mod.ENOTCONN)
                     if not self.ready.is_set() and h.aio_is_ready():
                         self.ready.set()
                     want = h.aio_get_direction()
-                    if want == nbd.AIO_DIRECTION_BOTH:
-                        await self._wait_both()
-                    elif want & nbd.AIO_DIRECTION_WRITE:
-                        await trio.lowlevel.wait_writable(self.fd)
-                        h.aio_notify_write()
-                    elif want & nbd.AIO_DIRECTION_READ:
+                    if want == nbd.AIO_DIRECTION_READ:  # the steady state: awaiting replies
                         readable = False
                         with trio.CancelScope() as self._kick_scope:
                             await trio.lowlevel.wait_readable(self.fd)
@@ -172,6 +164,14 @@ class _Connection:
                         self._kick_scope = None
                         if readable:
                             h.aio_notify_read()
+                    elif want == nbd.AIO_DIRECTION_BOTH:
+                        await self._wait_both()
+                    elif want & nbd.AIO_DIRECTION_WRITE:
+                        await trio.lowlevel.wait_writable(self.fd)
+                        h.aio_notify_write()
+                    elif h.aio_is_dead() or h.aio_is_closed():
+                        raise NBDError(f"nbd: {self.label}: connection lost",
+                                       errno=errno_mod.ENOTCONN)
                     else:  # nothing to do on the socket (should not happen once connected)
                         with trio.CancelScope() as self._kick_scope:
                             await trio.sleep(0.05)
@@ -368,11 +368,12 @@ class NBDClient:
         data = bytearray(length)
         if length == 0:
             return data
-        view = memoryview(data)
         step = min(READ_CHUNK, self.max_request)
-        if length <= step:
-            await self._read_into(offset, view)
+        if length <= step:  # the common case (every 4 KiB read of a container): no view needed
+            await self._submit(f"read {offset}+{length}",
+                               lambda h, r: h.aio_pread(data, offset, r.complete), data)
             return data
+        view = memoryview(data)
         async with trio.open_nursery() as nursery:
             for i in range(0, length, step):
                 nursery.start_soon(self._read_into, offset + i, view[i:i + step])
