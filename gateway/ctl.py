@@ -79,7 +79,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
 def volume_row(v: dict[str, Any]) -> list[Any]:
     attachment = v.get("attachment") or {}
     return [v["name"], v["format"], size_text(v["virtual_size"]), "ro" if v["read_only"] else "rw",
-            "yes" if v.get("exported") else "no", attachment.get("mode"), v["path"]]
+            "idle" if v.get("export_idle") else "yes" if v.get("exported") else "no",
+            attachment.get("mode"), v["path"]]
 
 
 def cmd_volume_add(ns: argparse.Namespace) -> int:
@@ -112,7 +113,7 @@ def cmd_volume_show(ns: argparse.Namespace) -> int:
     def human(v: dict[str, Any]) -> str:
         pairs: list[tuple[str, Any]] = [(k, v.get(k)) for k in (
             "name", "path", "format", "virtual_size", "read_only", "nosuid", "noexec", "fstype",
-            "created", "origin", "base", "overlays", "exported", "uri")]
+            "created", "origin", "base", "overlays", "exported", "export_idle", "uri")]
         attachment = v.get("attachment")
         pairs.append(("attachment", None if not attachment else
                       f"{attachment['mode']} at {attachment['rootfs']} ({attachment['state']})"))
