@@ -24,8 +24,12 @@ def env_seconds(name: str, default: float) -> float:
         seconds = float(value)
     except ValueError:
         raise ValueError(f"{name}={value!r} is not a number of seconds") from None
-    if not 0 <= seconds <= 86400:
-        raise ValueError(f"{name}={value!r}: choose 0 to 86400 seconds")
+    return check_linger(seconds, name)
+
+
+def check_linger(seconds: float, source: str) -> float:
+    if not 0 <= seconds <= 86400:  # also refuses nan
+        raise ValueError(f"{source}: choose 0 to 86400 seconds, not {seconds}")
     return seconds
 
 

@@ -18,7 +18,7 @@ from gateway import heap
 from gateway import log as gwlog
 from gateway.attachment import prepare_rootfs_root
 from gateway.catalog import Catalog
-from gateway.config import Settings, parse_roots
+from gateway.config import Settings, check_linger, parse_roots
 from gateway.domains import watch_domains
 from gateway.errors import GatewayError, first_gateway_error
 from gateway.exports import Exports
@@ -165,8 +165,10 @@ def parse_args(argv: list[str] | None) -> Settings:
                         help="keep an export a mount made open this long after the umount, for "
                              "a quick remount (env GATEWAY_EXPORT_LINGER; 0 closes at once)")
     ns = parser.parse_args(argv)
-    if not 0 <= ns.export_linger <= 86400:
-        parser.error("--export-linger: choose 0 to 86400 seconds")
+    try:
+        check_linger(ns.export_linger, "--export-linger")
+    except ValueError as exc:
+        parser.error(str(exc))
     roots = (parse_roots(ns.allowed_roots) if ns.allowed_roots is not None
              else defaults.allowed_roots)
     return Settings(state_dir=ns.state_dir.absolute(), run_dir=ns.run_dir.absolute(),

@@ -228,32 +228,35 @@ class Exports:
         self.nursery.start_soon(self._retire_later, name, token)
 
     async def _retire_later(self, name: str, token: object) -> None:
-        await trio.sleep(self.linger)
         assert self.locks is not None
-        async with self.locks(name):
-            if self.idle.get(name) is token:
+        while True:
+            await trio.sleep(self.linger)
+            async with self.locks(name):
+                if self.idle.get(name) is not token:
+                    return  # claimed by a mount, or closed already
                 try:
-                    await self.retire(name)
-                except Exception as exc:
-                    log.error("retiring an idle export failed",
+                    await self.close(name)
+                    return
+                except Exception as exc:  # e.g. someone holds blk/NAME/disk open
+                    log.error("retiring an idle export failed; trying again later",
                               extra=fields(volume=name, error=str(exc)))
 
     async def retire(self, name: str) -> None:
         """Close the export if it only lingers (no-op otherwise). Caller holds the volume lock."""
-        if self.idle.pop(name, None) is not None:
+        if name in self.idle:
             await self.close(name)
 
     async def close(self, name: str, *, forget: bool = True) -> bool:
         """Disconnect and remove an export (idempotent); `forget` also clears the catalog."""
-        self.idle.pop(name, None)
         export = self.active.get(name)
         if export is None:
             if forget:
                 self.catalog.set_exported(name, False)
             await self.qsd.unexport(name, missing_ok=True)
             return False
-        await self.view.remove_volume(name)
+        await self.view.remove_volume(name)  # refuses while its files are open: nothing changed
         del self.active[name]
+        self.idle.pop(name, None)
         try:
             await export.backend.flush()
         finally:
