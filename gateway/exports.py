@@ -127,11 +127,7 @@ class VolumeBackend:
             return await request()
 
     async def read_at(self, offset: int, length: int) -> bytearray:
-        try:  # _retried, written out: this is every block-view read
-            return await self.client.read_at(offset, length)
-        except NBDError as exc:
-            await self._recover(exc)
-            return await self.client.read_at(offset, length)
+        return await self._retried(lambda: self.client.read_at(offset, length))
 
     async def write_at(self, offset: int, data: bytes) -> None:
         await self._retried(lambda: self.client.write_at(offset, data))

@@ -329,13 +329,10 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
         if off >= h.size or size <= 0:
             return b""
         length = min(size, h.size - off)
-        # Any buffer will do: pyfuse3 replies from it before another task runs. (_call, written
-        # out: this is the hot path of every container read.)
-        try:
-            return await h.volume.backend.read_at(h.start + off, length)
-        except (GatewayError, OSError) as exc:
-            log.warning("block view: %s/%s: %s", h.volume.name, h.kind, exc)
-            raise pyfuse3.FUSEError(_fuse_errno(exc)) from None
+        # Any buffer will do: pyfuse3 replies from it before another task runs.
+        data: bytes | bytearray = await self._call(
+            lambda: h.volume.backend.read_at(h.start + off, length), h)
+        return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
