@@ -17,6 +17,9 @@ detail["phase"] == "start", and right after with "done" and the result (the loop
 fuse2fs pid). Steps: "loop", "mount", "bind", "fuse2fs". reconcile() reads these entries back.
 
 Loop devices are attached with auto-clear: they vanish when the filesystem on them is unmounted.
+detach(keep_loop=True) holds the device open across the umount instead and hands it back as a
+StandbyLoop, which a remount of the same window takes in place of a new device (attach_bind's
+`standby`). Only that open fd keeps it bound, so it cannot outlive gatewayd.
 """
 
 from __future__ import annotations
@@ -95,12 +98,33 @@ class Attachment:
     run_dir: Path
     rootfs: Path
     loop: str | None = None
+    read_only: bool = False
     mnt: Path | None = None
     fuse: fuse2fs.Fuse2fs | None = field(default=None, repr=False)
 
     @property
     def fuse2fs_pid(self) -> int | None:
         return self.fuse.pid if self.fuse is not None else None
+
+
+@dataclass
+class StandbyLoop:
+    """A loop device still bound to a volume's rootfs window after its filesystem was unmounted.
+
+    It was attached with auto-clear and only `fd` keeps it: close() frees it, and so does the end
+    of gatewayd, however it ends. Closing may write back through the block view, so never close
+    it on the trio thread serving the view."""
+
+    volume: str
+    device: str
+    read_only: bool
+    fd: int
+
+    def close(self) -> None:
+        """Let the device go (idempotent)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def prepare_rootfs_root(run_dir: str | os.PathLike[str]) -> Path:
@@ -137,8 +161,14 @@ def _flags(read_only: bool, nosuid: bool, noexec: bool) -> int:
 def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
                 journal: Journal = _no_journal, read_only: bool = False, nosuid: bool = True,
                 noexec: bool = False, data: str | None = None,
-                device: str | None = None) -> Attachment:
-    """loop -> kernel mount -> bind. `device` skips the loop step (kernel NBD seam)."""
+                device: str | None = None, standby: StandbyLoop | None = None,
+                standby_cache: bool = False) -> Attachment:
+    """loop -> kernel mount -> bind. `device` skips the loop step (kernel NBD seam).
+
+    `standby` (from detach(keep_loop=True), serving the same window) replaces the loop step: the
+    filesystem is mounted on it, and the standby is closed either way, leaving the device to the
+    mount (auto-clear) or to nobody. Its page cache is dropped first unless `standby_cache` says
+    nothing wrote to the volume since the umount."""
     if fstype not in KERNEL_FSTYPES:
         raise InvalidArgument(f"attachment {volume}: filesystem type {fstype!r} is not allowed "
                               f"for kernel mounts (allowed: {', '.join(KERNEL_FSTYPES)})")
@@ -146,11 +176,23 @@ def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
     mnt, target, window = lay.mnt(volume), lay.rootfs(volume), lay.window(volume)
     for d in (mnt, target):
         d.mkdir(parents=True, exist_ok=True)
-    att = Attachment(volume, BIND, lay.run_dir, target)
+    att = Attachment(volume, BIND, lay.run_dir, target, read_only=read_only)
     flags = _flags(read_only, nosuid, noexec)
     try:
         dev_fd = -1
-        if device is None:
+        if standby is not None:
+            journal("loop", {"phase": "start", "file": str(window), "read_only": read_only,
+                             "standby": standby.device})
+            if standby.read_only != read_only or loopdev.backing_file(standby.device) != str(
+                    window):
+                raise Conflict(f"attachment {volume}: standby {standby.device} no longer "
+                               f"serves {window} as asked")
+            if not standby_cache:
+                loopdev.drop_cache(standby.fd)
+            att.loop = device = standby.device
+            journal("loop", {"phase": "done", "file": str(window), "device": device,
+                             "cache": standby_cache})
+        elif device is None:
             journal("loop", {"phase": "start", "file": str(window), "read_only": read_only})
             loop, dev_fd = loopdev.attach(window, read_only=read_only)
             att.loop = device = loop.path
@@ -164,10 +206,14 @@ def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
         finally:
             if dev_fd >= 0:
                 os.close(dev_fd)  # the mount holds the device now; auto-clear frees it on umount
+            if standby is not None:
+                standby.close()
         journal("bind", {"phase": "start", "source": str(mnt), "target": str(target)})
         mounts.bind(mnt, target, read_only=read_only, nosuid=nosuid, noexec=noexec)
         journal("bind", {"phase": "done", "target": str(target)})
     except BaseException:
+        if standby is not None:
+            standby.close()
         _best_effort_teardown(att)
         raise
     return att
@@ -234,36 +280,60 @@ def _best_effort_teardown(att: Attachment) -> None:
         pass
 
 
-def _teardown(att: Attachment, *, force: bool) -> None:
+def _teardown(att: Attachment, *, force: bool, keep: StandbyLoop | None = None) -> None:
     lay = _layout(att.run_dir)
     if att.mode == BIND:
         _umount_if_mounted(att.rootfs, force=force)
         _umount_if_mounted(lay.mnt(att.volume), force=force)
-        if att.loop is not None:
+        if att.loop is not None and keep is None:
             _detach_loop_of(att.loop, lay.window(att.volume))
     elif att.fuse is not None:
         att.fuse.stop(force=force)
 
 
-def detach(att: Attachment, *, force: bool = False) -> None:
+def _hold_loop(att: Attachment) -> StandbyLoop | None:
+    """Open the bind mount's loop device so that it outlives the umount; None if it cannot."""
+    if att.mode != BIND or att.loop is None:
+        return None
+    if loopdev.backing_file(att.loop) != str(_layout(att.run_dir).window(att.volume)):
+        return None
+    try:
+        fd = os.open(att.loop, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # the mount goes on without a standby
+    return StandbyLoop(att.volume, att.loop, att.read_only, fd)
+
+
+def detach(att: Attachment, *, force: bool = False,
+           keep_loop: bool = False) -> StandbyLoop | None:
     """Verified teardown: umount (lazy only with force), loop detach, fuse2fs exit, then check.
 
-    The caller then closes block-view files (BlockView.remove_volume) and flushes NBD.
+    With `keep_loop` (bind mode, not forced) the loop device stays bound and comes back as a
+    StandbyLoop for the caller to reuse or close. The caller then closes block-view files
+    (BlockView.remove_volume) and flushes NBD.
     """
-    _teardown(att, force=force)
-    remains = leftovers(att.run_dir, att.volume)
-    if remains:
-        raise TeardownIncomplete(att.volume, remains)
+    keep = _hold_loop(att) if keep_loop and not force else None
+    try:
+        _teardown(att, force=force, keep=keep)
+        remains = leftovers(att.run_dir, att.volume, keep=keep.device if keep else None)
+        if remains:
+            raise TeardownIncomplete(att.volume, remains)
+    except BaseException:
+        if keep is not None:
+            keep.close()
+        raise
+    return keep
 
 
-def leftovers(run_dir: str | os.PathLike[str], volume: str) -> list[str]:
-    """What of `volume` is still present: mounts, loop devices, fuse2fs processes."""
+def leftovers(run_dir: str | os.PathLike[str], volume: str, *,
+              keep: str | None = None) -> list[str]:
+    """What of `volume` is still present: mounts, loop devices (but `keep`), fuse2fs processes."""
     lay = _layout(run_dir, volume)
     remains: list[str] = []
     for root in (lay.mnt(volume), lay.rootfs(volume)):
         remains += [f"mount {m.mount_point} ({m.fstype})" for m in mounts.mounts_under(root)]
     remains += [f"loop {dev} on {loopdev.backing_file(dev)}"
-                for dev in loopdev.devices_backed_by(lay.volume_dir(volume))]
+                for dev in loopdev.devices_backed_by(lay.volume_dir(volume)) if dev != keep]
     for pid in fuse2fs.processes_under(lay.rootfs(volume)):
         remains.append(f"fuse2fs pid {pid}")
     return remains

@@ -113,7 +113,8 @@ def cmd_volume_show(ns: argparse.Namespace) -> int:
     def human(v: dict[str, Any]) -> str:
         pairs: list[tuple[str, Any]] = [(k, v.get(k)) for k in (
             "name", "path", "format", "virtual_size", "read_only", "nosuid", "noexec", "fstype",
-            "created", "origin", "base", "overlays", "exported", "export_idle", "uri")]
+            "created", "origin", "base", "overlays", "exported", "export_idle", "standby_loop",
+            "uri")]
         attachment = v.get("attachment")
         pairs.append(("attachment", None if not attachment else
                       f"{attachment['mode']} at {attachment['rootfs']} ({attachment['state']})"))

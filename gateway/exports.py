@@ -12,6 +12,11 @@ export is not desired state: the catalog forgets it, so a restarted gatewayd or 
 it back. Anything that needs the image file to itself (volume removal, resize, using it as a
 base) retires an idle export first with `retire`.
 
+An idle export may hold a standby: the loop device of the bind mount that made it, still bound
+to the rootfs window (see attachment.StandbyLoop). A remount through `claim` gets it back and
+skips the loop setup too; every other way out of idleness (open, close, retirement) closes it
+first.
+
 `VolumeBackend` is what the block view and the probe read through. When QSD restarts, its
 connection drops; the next request waits for QSD to be ready again, reconnects once and retries,
 so a loop device over the block view sees a short stall instead of an I/O error.
@@ -24,7 +29,7 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 import trio
 
@@ -83,6 +88,7 @@ class VolumeBackend:
         self.qsd = qsd
         self._reconnecting = trio.Lock()
         self.reconnects = 0
+        self.writes = 0  # requests that may have changed the disk (standby caches check it)
 
     @property
     def size(self) -> int:
@@ -130,6 +136,7 @@ class VolumeBackend:
         return await self._retried(lambda: self.client.read_at(offset, length))
 
     async def write_at(self, offset: int, data: bytes) -> None:
+        self.writes += 1
         await self._retried(lambda: self.client.write_at(offset, data))
 
     async def flush(self) -> None:
@@ -143,6 +150,27 @@ class Export:
     backend: VolumeBackend
 
 
+class Standby(Protocol):
+    """What an idle export keeps for its next mount (the rootfs manager's standby loop)."""
+
+    @property
+    def device(self) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _Idle:
+    """A lingering export; its identity tells its retirement timer whether it was claimed."""
+
+    standby: Standby | None = None
+
+    async def close_standby(self) -> None:
+        standby, self.standby = self.standby, None
+        if standby is not None:
+            await standby.close()
+
+
 class Exports:
     """Owns QSD's exports and the gateway's own connections to them."""
 
@@ -154,13 +182,22 @@ class Exports:
         self.view = view
         self.nursery = nursery
         self.active: dict[str, Export] = {}
-        self.idle: dict[str, object] = {}  # lingering exports -> token of their retirement timer
+        self.idle: dict[str, _Idle] = {}  # lingering exports
         self.locks = locks
         self.linger = linger
 
     def in_use(self, name: str) -> bool:
         """Exported and not merely lingering after a mount."""
         return name in self.active and name not in self.idle
+
+    @property
+    def lingers(self) -> bool:
+        """Whether `release` keeps exports (and standbys) idle rather than closing them."""
+        return self.linger > 0 and self.locks is not None
+
+    def standby_device(self, name: str) -> str | None:
+        idle = self.idle.get(name)
+        return idle.standby.device if idle is not None and idle.standby is not None else None
 
     def desired(self) -> list[ExportSpec]:
         """What QSD must export (read by QSD's supervisor when it restarts)."""
@@ -179,17 +216,27 @@ class Exports:
         return export
 
     async def open(self, name: str) -> Export:
-        """Export a volume and connect to it (idempotent); claims a lingering export. Caller
-        holds the volume lock."""
-        if name in self.idle:
-            del self.idle[name]
+        """Export a volume and connect to it (idempotent); claims a lingering export without its
+        standby. Caller holds the volume lock."""
+        export, standby = await self.claim(name)
+        if standby is not None:
+            await standby.close()
+            await self.view.close_window(name)
+        return export
+
+    async def claim(self, name: str) -> tuple[Export, Standby | None]:
+        """open() for a mount: a lingering export comes back with its standby, if it has one
+        (the caller closes the standby when it does not take it)."""
+        idle = self.idle.get(name)
+        if idle is not None:
             export = self.active[name]
             if export.backend.client.connected:
+                del self.idle[name]
                 self.catalog.set_exported(name, True)
-                return export
+                return export, idle.standby
             await self.close(name)  # QSD restarted meanwhile and dropped it: start afresh
         if name in self.active:
-            return self.active[name]
+            return self.active[name], None
         volume = self.catalog.volume(name)
         uri = await self.qsd.export(chain_spec(self.catalog, volume))
         try:
@@ -209,26 +256,33 @@ class Exports:
         export = Export(name, uri, backend)
         self.active[name] = export
         log.info("volume exported", extra=fields(volume=name, uri=uri))
-        return export
+        return export, None
 
-    async def release(self, name: str) -> None:
-        """The mount that made this export is gone: close it, or let it linger idle."""
+    async def release(self, name: str, standby: Standby | None = None) -> None:
+        """The mount that made this export is gone: close it, or let it linger idle (keeping
+        `standby` for the next mount)."""
+        idle = _Idle(standby)
         export = self.active.get(name)
-        if export is None or self.linger <= 0 or self.locks is None:
+        if export is None or not self.lingers:
+            await idle.close_standby()
             await self.close(name)
             return
-        await export.backend.flush()
-        token = object()
-        self.idle[name] = token
+        try:
+            await export.backend.flush()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await idle.close_standby()
+            raise
+        self.idle[name] = idle
         self.catalog.set_exported(name, False)
-        self.nursery.start_soon(self._retire_later, name, token)
+        self.nursery.start_soon(self._retire_later, name, idle)
 
-    async def _retire_later(self, name: str, token: object) -> None:
+    async def _retire_later(self, name: str, idle: _Idle) -> None:
         assert self.locks is not None
         while True:
             await trio.sleep(self.linger)
             async with self.locks(name):
-                if self.idle.get(name) is not token:
+                if self.idle.get(name) is not idle:
                     return  # claimed by a mount, or closed already
                 try:
                     await self.close(name)
@@ -250,6 +304,9 @@ class Exports:
                 self.catalog.set_exported(name, False)
             await self.qsd.unexport(name, missing_ok=True)
             return False
+        idle = self.idle.get(name)
+        if idle is not None:
+            await idle.close_standby()
         await self.view.remove_volume(name)  # refuses while its files are open: nothing changed
         del self.active[name]
         self.idle.pop(name, None)

@@ -31,6 +31,7 @@ LOOP_SET_STATUS64 = 0x4C04
 LOOP_GET_STATUS64 = 0x4C05
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
+BLKFLSBUF = 0x1261
 
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
@@ -238,6 +239,15 @@ def detach(dev: str, *, wait: float = 5.0) -> None:
         if time.monotonic() >= deadline:
             raise Conflict(f"loop: {dev} still bound to {backing_file(dev)} (device busy)")
         time.sleep(0.02)
+
+
+def drop_cache(dev_fd: int) -> None:
+    """Write back and forget the device's page cache (BLKFLSBUF), so the next reads go to the
+    backing file: a device kept bound while nothing used it may cache bytes since rewritten."""
+    try:
+        fcntl.ioctl(dev_fd, BLKFLSBUF, 0)
+    except OSError as exc:
+        raise _fail("drop the page cache", exc) from exc
 
 
 def wait_released(dev: str, timeout: float = 5.0) -> bool:

@@ -6,7 +6,9 @@ bind) or fuse mode (fuse2fs). Every step is written to the catalog's journal bef
 so a gatewayd that starts after a crash knows what to tear down (`reconcile_all`).
 
 umount: verified teardown (umount, loop detach, fuse2fs exit), then the window closes, NBD is
-flushed, and an export the mount made itself is removed again.
+flushed, and an export the mount made itself is removed again, or lingers idle (see exports).
+A bind mount's idle export keeps its loop device bound to the window as a standby: a remount that
+finds the same window mounts on it and skips the loop setup.
 
 Blocking steps (mount(2), loop ioctls, fuse2fs start, anything that may read the block view) run in
 worker threads: the trio thread serves the block view's FUSE requests and must never wait on them.
@@ -37,6 +39,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.rootfs")
 MODES = ("bind", "fuse")
 FUSE_FSTYPES = ("ext2", "ext3", "ext4")
+
+
+@dataclass
+class _Standby:
+    """A standby loop device of an idle export, and the window it serves."""
+
+    loop: attachment.StandbyLoop
+    window: tuple[int, int]
+    writes: int  # the backend's write count when the filesystem was unmounted
+
+    @property
+    def device(self) -> str:
+        return self.loop.device
+
+    async def close(self) -> None:
+        # the last close may write back through the block view: not on its trio thread
+        await trio.to_thread.run_sync(self.loop.close)
 
 
 @dataclass
@@ -99,10 +118,14 @@ class RootfsManager:
             phases: dict[str, float] = {}
             self.catalog.begin_attachment(name, mode, rootfs)
             auto_export = not self.exports.in_use(name)
+            standby: _Standby | None = None
             try:
                 self.catalog.journal(name, "export", {"auto": auto_export})
                 t = time.perf_counter()
-                export = await self.exports.open(name)
+                export, kept = await self.exports.claim(name)
+                standby = kept if isinstance(kept, _Standby) else None
+                if kept is not None and standby is None:
+                    await kept.close()  # not one of ours: nothing to reuse
                 phases["export"] = time.perf_counter() - t
 
                 t = time.perf_counter()
@@ -118,17 +141,30 @@ class RootfsManager:
                 self.catalog.pin_fstype(name, fstype)
 
                 t = time.perf_counter()
-                self.view.set_window(name, found.rootfs.start, found.rootfs.size)
-                self.catalog.set_attachment(name, window=(found.rootfs.start, found.rootfs.size))
+                window = (found.rootfs.start, found.rootfs.size)
+                if standby is not None and (mode != "bind" or standby.window != window
+                                            or standby.loop.read_only != volume.read_only):
+                    await standby.close()
+                    standby = None
+                    await self.view.close_window(name)
+                if standby is None:
+                    self.view.set_window(name, *window)
+                self.catalog.set_attachment(name, window=window)
                 phases["window"] = time.perf_counter() - t
 
+                # The standby's cached blocks are only as fresh as the disk: any write since the
+                # umount (the disk file, another window) and they are dropped.
+                cached = standby is not None and standby.writes == export.backend.writes
                 att = await self._attach(name, mode, fstype, volume.read_only, volume.nosuid,
-                                         volume.noexec, phases)
+                                         volume.noexec, phases,
+                                         standby.loop if standby is not None else None, cached)
                 self.active[name] = att
                 self.catalog.set_attachment(name, state="mounted")
                 self._watch_fuse2fs(name, att)
             except BaseException:
                 with trio.CancelScope(shield=True):
+                    if standby is not None:
+                        await standby.close()
                     await self._undo(name, auto_export)
                 raise
         self.last_phases[name] = phases
@@ -140,7 +176,9 @@ class RootfsManager:
         return {"name": name, "rootfs": rootfs, "mode": mode}
 
     async def _attach(self, name: str, mode: str, fstype: str, read_only: bool, nosuid: bool,
-                      noexec: bool, phases: dict[str, float]) -> attachment.Attachment:
+                      noexec: bool, phases: dict[str, float],
+                      standby: attachment.StandbyLoop | None,
+                      standby_cache: bool) -> attachment.Attachment:
         journal = self._journal(name, trio.lowlevel.current_trio_token())
         started: dict[str, float] = {}
 
@@ -157,7 +195,8 @@ class RootfsManager:
         def work() -> attachment.Attachment:
             if mode == "bind":
                 return attachment.attach_bind(self.run_dir, name, fstype, journal=timed,
-                                              read_only=read_only, nosuid=nosuid, noexec=noexec)
+                                              read_only=read_only, nosuid=nosuid, noexec=noexec,
+                                              standby=standby, standby_cache=standby_cache)
             return attachment.attach_fuse(
                 self.run_dir, name, fstype, journal=timed, read_only=read_only, nosuid=nosuid,
                 noexec=noexec, stderr_path=str(self.run_dir / f"fuse2fs-{name}.log"),
@@ -171,7 +210,7 @@ class RootfsManager:
         """Undo a failed mount: attach_* cleaned up after itself; close the window and export."""
         try:
             if name in self.view.volumes():
-                self.view.clear_window(name)
+                await self.view.close_window(name)
             if auto_export:
                 await self.exports.close(name)
         except GatewayError as exc:
@@ -191,27 +230,45 @@ class RootfsManager:
 
     async def _teardown(self, name: str, *, force: bool) -> None:
         record = self.catalog.attachment(name)
+        auto = record is not None and made_own_export(record.steps)
         att = self.active.pop(name, None)
+        standby: _Standby | None = None
         if att is not None:
+            keep = auto and self.exports.lingers and att.mode == attachment.BIND
             try:
-                await trio.to_thread.run_sync(lambda: attachment.detach(att, force=force))
+                loop = await trio.to_thread.run_sync(
+                    lambda: attachment.detach(att, force=force, keep_loop=keep))
             except BaseException:
                 self.active[name] = att
                 raise
+            window = self.view.window(name) if name in self.view.volumes() else None
+            export = self.exports.active.get(name)
+            if loop is not None and window is not None and export is not None:
+                standby = _Standby(loop, window, export.backend.writes)
+            elif loop is not None:
+                await trio.to_thread.run_sync(loop.close)
         elif record is not None:
             steps = record.steps
             report = await trio.to_thread.run_sync(
                 lambda: attachment.reconcile(self.run_dir, name, steps))
             if report.remaining:
                 raise attachment.TeardownIncomplete(name, report.remaining)
-        auto = record is not None and made_own_export(record.steps)
-        if name in self.view.volumes():
-            await self.view.close_window(name)
-            export = self.exports.active.get(name)
-            if export is not None:
-                await export.backend.flush()
+        try:
+            if name in self.view.volumes():
+                if standby is None:
+                    await self.view.close_window(name)
+                export = self.exports.active.get(name)
+                if export is not None:
+                    await export.backend.flush()
+        except BaseException:
+            if standby is not None:
+                with trio.CancelScope(shield=True):
+                    await standby.close()
+            raise
         if auto:
-            await self.exports.release(name)
+            await self.exports.release(name, standby)
+        elif standby is not None:
+            await standby.close()
         self.catalog.end_attachment(name)
 
     def _watch_fuse2fs(self, name: str, att: attachment.Attachment) -> None:

@@ -113,6 +113,9 @@ class Gateway:
         out["uri"] = export.uri if export is not None else None
         # lingering after a umount, closed at the next volume change or after --export-linger
         out["export_idle"] = self._exports is not None and name in self._exports.idle
+        # its bind mount's loop device, kept bound for the next mount of the same window
+        out["standby_loop"] = (self._exports.standby_device(name) if self._exports is not None
+                               else None)
         out["attachment"] = self._rootfs.attachment_of(name) if self._rootfs else None
         out["overlays"] = self.catalog.overlays_of(name)
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +81,14 @@ class Daemon:
                 shown = cmdline.replace(b"\0", b" ")[:120].decode(errors="replace")
                 found.append(f"process {pid_dir.name}: {shown}")
         return found
+
+    def standby_loops(self) -> dict[str, str]:
+        """Volume -> the loop device its idle export keeps for the next mount (not a leak)."""
+        proc = self.ctl("volume", "ls", "--json")
+        if proc.returncode != 0:
+            return {}
+        return {v["name"]: v["standby_loop"] for v in json.loads(proc.stdout)
+                if v.get("standby_loop")}
 
     def cleanup(self) -> list[str]:
         """Stop the daemon, release the shared rootfs root it prepared; return what leaked."""

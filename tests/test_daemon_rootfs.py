@@ -102,13 +102,21 @@ def test_rootfs_shows_the_marker_and_keeps_writes(daemon: Daemon, image_set: Ima
         f.flush()
         os.fsync(f.fileno())
     daemon.ctl("umount", name, check=True)
+    shown = json.loads(daemon.ctl("volume", "show", name, "--json", check=True).stdout)
+    # the export the mount made lingers for a quick remount, a bind mount's with its loop
+    # device; unexport closes both at once
+    assert shown["attachment"] is None and shown["export_idle"] is True
+    assert [m for m in mounts_under(daemon.run_dir) if m.endswith(f"/{name}")] == []
+    standby = loops_backed_under(daemon.run_dir / "blk" / name)
+    if mode == "bind":
+        assert [f"/dev/{b.split('/')[3]}" for b in standby] == [shown["standby_loop"]]
+    else:
+        assert standby == [] and shown["standby_loop"] is None
+    daemon.ctl("unexport", name, check=True)
     assert_nothing_left(daemon, name)
     shown = json.loads(daemon.ctl("volume", "show", name, "--json", check=True).stdout)
-    # the export the mount made lingers for a quick remount; unexport closes it at once
-    assert shown["attachment"] is None and shown["export_idle"] is True
-    daemon.ctl("unexport", name, check=True)
-    shown = json.loads(daemon.ctl("volume", "show", name, "--json", check=True).stdout)
     assert shown["exported"] is False and shown["export_idle"] is False
+    assert shown["standby_loop"] is None
     if fmt == "raw" or mode == "bind":
         fsck = partition_fsck(image, fmt, tmp_path)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr

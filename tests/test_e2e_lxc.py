@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +61,12 @@ def read_marker(name: str) -> str:
     return proc.stdout
 
 
-def run_dir_mounts(run_dir: Path) -> list[str]:
+def run_dir_mounts(run_dir: Path, standby: Iterable[str] = ()) -> list[str]:
     """Volume mounts and loop devices the gateway made under its run dir (the shared rootfs root
-    and the block view belong to the daemon, not to a volume)."""
+    and the block view belong to the daemon, not to a volume; `standby` loops to idle exports)."""
     keep = {str(run_dir / "rootfs"), str(run_dir / "blk")}
     found = [m.mount_point for m in mounts.mounts_under(run_dir) if m.mount_point not in keep]
-    return found + [f"loop {d}" for d in loopdev.devices_backed_by(run_dir)]
+    return found + [f"loop {d}" for d in loopdev.devices_backed_by(run_dir) if d not in standby]
 
 
 def attachment(gw: Daemon, volume: str) -> Any:
@@ -74,7 +74,8 @@ def attachment(gw: Daemon, volume: str) -> Any:
 
 
 def torn_down(gw: Daemon, volume: str) -> bool:
-    return attachment(gw, volume) is None and not run_dir_mounts(gw.run_dir)
+    return attachment(gw, volume) is None and not run_dir_mounts(
+        gw.run_dir, gw.standby_loops().values())
 
 
 def container_init_pid(name: str) -> int:
@@ -135,7 +136,7 @@ def gw(lxc_gatewayd: Daemon, libvirt_env: LibvirtEnv) -> Iterator[Daemon]:
     for vol in ctl_json(lxc_gatewayd, "volume", "ls"):
         if vol["attachment"] is not None:
             lxc_gatewayd.ctl("umount", vol["name"], "--force")
-    leaked = run_dir_mounts(lxc_gatewayd.run_dir)
+    leaked = run_dir_mounts(lxc_gatewayd.run_dir, lxc_gatewayd.standby_loops().values())
     assert not leaked, f"leaked after test: {leaked}\n{lxc_gatewayd.log_tail()}"
 
 

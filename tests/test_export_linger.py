@@ -1,17 +1,20 @@
 """An export a mount made lingers idle after the umount, for a quick remount, and gets out of
-the way of everything that needs the image file: removal, resize, overlays, a restart."""
+the way of everything that needs the image file: removal, resize, overlays, a restart. A bind
+mount's idle export keeps its loop device as a standby for the next mount of the same window."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from gateway import loopdev
 from tests.gatewayd import Daemon
-from tests.images import ImageSet, copy_image
+from tests.images import MIB, ImageSet, copy_image, make_fs_image
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,11 +98,79 @@ def test_an_idle_export_does_not_come_back_after_a_restart(gatewayd: Daemon,
     d.ctl("mount", "r", check=True)
     d.ctl("umount", "r", check=True)
     assert shown(d, "r")["export_idle"] is True
+    assert shown(d, "r")["standby_loop"] is not None
     if how == "kill":
         d.kill()
     else:
         assert d.stop() == 0
+    # only gatewayd's open fd kept the standby bound: it went with the process, however it ended
+    deadline = time.monotonic() + 10
+    while loopdev.devices_backed_by(d.run_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert loopdev.devices_backed_by(d.run_dir) == []
     d.start()
     assert shown(d, "r")["exported"] is False
     assert qemu_img_info(image).returncode == 0
     d.ctl("volume", "rm", "r", check=True)
+
+
+def mounted_device(d: Daemon, name: str) -> str:
+    target = str(d.run_dir / "mnt" / name)
+    with open("/proc/self/mountinfo") as f:
+        sources = [line.split(" - ")[1].split()[1] for line in f if line.split()[4] == target]
+    assert len(sources) == 1, sources
+    return sources[0]
+
+
+def test_a_remount_takes_the_standby_loop(gatewayd: Daemon, image_set: ImageSet,
+                                          tmp_path: Path) -> None:
+    d = gatewayd
+    image = copy_image(image_set.path("gpt", "qcow2"), tmp_path / "s.qcow2")
+    d.ctl("volume", "add", "s", str(image), "--format", "qcow2", check=True)
+    d.ctl("mount", "s", check=True)
+    first = mounted_device(d, "s")
+    d.ctl("umount", "s", check=True)
+    assert shown(d, "s")["standby_loop"] == first
+    assert loopdev.devices_backed_by(d.run_dir / "blk" / "s") == [first]
+    d.ctl("mount", "s", check=True)
+    assert mounted_device(d, "s") == first  # no new device
+    assert shown(d, "s")["standby_loop"] is None
+    assert (d.run_dir / "rootfs" / "s" / "etc" / "marker").exists()
+    d.ctl("umount", "s", check=True)
+    # another mode does not take it: the loop goes before fuse2fs opens the window
+    d.ctl("mount", "s", "--mode", "fuse", check=True)
+    assert loopdev.devices_backed_by(d.run_dir / "blk" / "s") == []
+    d.ctl("umount", "s", check=True)
+    assert shown(d, "s")["standby_loop"] is None
+    d.ctl("volume", "rm", "s", check=True)
+    assert loopdev.devices_backed_by(d.run_dir) == []
+
+
+def test_a_standby_sees_what_was_written_to_the_disk_meanwhile(
+        gatewayd: Daemon, image_set: ImageSet, tmp_path: Path) -> None:
+    d = gatewayd
+    image = copy_image(image_set.path("gpt", "raw"), tmp_path / "w.raw")
+    d.ctl("volume", "add", "w", str(image), "--format", "raw", check=True)
+    d.ctl("mount", "w", check=True)
+    rootfs = d.run_dir / "rootfs" / "w"
+    assert (rootfs / "etc" / "marker").exists()
+    window = json.loads(d.ctl("volume", "show", "w", "--json", check=True).stdout)[
+        "attachment"]["window"]
+    d.ctl("umount", "w", check=True)
+    assert shown(d, "w")["standby_loop"] is not None
+    # while idle, a new filesystem goes into the window through the block view's disk file
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "other").write_text("rewritten\n")
+    fs = make_fs_image(tmp_path / "new.ext4", window["size"], tree)
+    with open(fs, "rb") as src, open(d.run_dir / "blk" / "w" / "disk", "r+b") as disk:
+        disk.seek(window["start"])
+        while chunk := src.read(4 * MIB):
+            disk.write(chunk)
+        disk.flush()
+        os.fsync(disk.fileno())
+    d.ctl("mount", "w", check=True)
+    assert (rootfs / "etc" / "other").read_text() == "rewritten\n"
+    assert not (rootfs / "etc" / "marker").exists()
+    d.ctl("umount", "w", check=True)
+    d.ctl("volume", "rm", "w", check=True)

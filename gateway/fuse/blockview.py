@@ -156,6 +156,11 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
             raise Conflict(f"block view: volume {name} rootfs is open; cannot move its window")
         vol.window = _Window(start, size)
 
+    def window(self, name: str) -> tuple[int, int] | None:
+        """(start, size) of the volume's rootfs window, or None."""
+        w = self._volume(name).window
+        return None if w is None else (w.start, w.size)
+
     def clear_window(self, name: str) -> None:
         vol = self._volume(name)
         if any(self._handles[fh].kind == ROOTFS for fh in vol.open_handles):

@@ -113,7 +113,8 @@ def gatewayd_fds(daemon: Daemon) -> int:
 def leaks(daemon: Daemon, volume: str) -> list[str]:
     """What of `volume` is left, plus stray processes (more than one QSD, any fuse2fs)."""
     from gateway import attachment
-    found = attachment.leftovers(daemon.run_dir, volume)
+    found = attachment.leftovers(daemon.run_dir, volume,
+                                 keep=daemon.standby_loops().get(volume))
     qsds = [x for x in daemon.leftovers() if ": qemu-storage-daemon " in x]
     if len(qsds) > 1:
         found += qsds
