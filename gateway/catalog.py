@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +73,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 ORIGINS = ("registered", "overlay", "copy", "blank", "import", "pool")
 SCHEMA_VERSION = len(MIGRATIONS)
+JournalStep = tuple[str, dict[str, Any]]  # (step, detail) of an attachment journal entry
 
 
 class CatalogError(GatewayError):
@@ -306,25 +307,41 @@ class Catalog:
         return [r["volume"] for r in self._query("SELECT volume FROM exports ORDER BY volume")]
 
     # Attachments and their journal.
-    def begin_attachment(self, volume: str, mode: str, rootfs: str) -> None:
+    def begin_attachment(self, volume: str, mode: str, rootfs: str,
+                         steps: Sequence[JournalStep] = ()) -> None:
+        """A new attachment row, with its first journal `steps`, in one transaction."""
         with self.transaction() as db:
             db.execute("DELETE FROM attachment_steps WHERE volume = ?", (volume,))
             db.execute("INSERT OR REPLACE INTO attachments (volume, mode, state, rootfs, created) "
                        "VALUES (?, ?, 'attaching', ?, ?)", (volume, mode, rootfs, now()))
+            self._add_steps(db, volume, steps)
 
     def set_attachment(self, volume: str, *, state: str | None = None,
-                       window: tuple[int, int] | None = None) -> None:
+                       window: tuple[int, int] | None = None,
+                       steps: Sequence[JournalStep] = ()) -> None:
         with self.transaction() as db:
             if state is not None:
                 db.execute("UPDATE attachments SET state = ? WHERE volume = ?", (state, volume))
             if window is not None:
                 db.execute("UPDATE attachments SET window_start = ?, window_size = ? "
                            "WHERE volume = ?", (window[0], window[1], volume))
+            self._add_steps(db, volume, steps)
 
     def journal(self, volume: str, step: str, detail: dict[str, Any]) -> None:
+        self.journal_steps(volume, [(step, detail)])
+
+    def journal_steps(self, volume: str, steps: Sequence[JournalStep]) -> None:
+        """Append `steps` to the volume's attachment journal, in one transaction."""
         with self.transaction() as db:
-            db.execute("INSERT INTO attachment_steps (volume, step, detail, at) VALUES (?,?,?,?)",
-                       (volume, step, json.dumps(detail), now()))
+            self._add_steps(db, volume, steps)
+
+    @staticmethod
+    def _add_steps(db: sqlite3.Connection, volume: str, steps: Sequence[JournalStep]) -> None:
+        if steps:
+            at = now()
+            db.executemany("INSERT INTO attachment_steps (volume, step, detail, at) "
+                           "VALUES (?,?,?,?)",
+                           [(volume, step, json.dumps(detail), at) for step, detail in steps])
 
     def end_attachment(self, volume: str) -> None:
         with self.transaction() as db:

@@ -3,7 +3,9 @@
 mount: export the volume (if needed) -> probe its disk through the export -> pin or check the
 filesystem type -> expose the rootfs window in the block view -> bind mode (loop, kernel mount,
 bind) or fuse mode (fuse2fs). Every step is written to the catalog's journal before it is taken,
-so a gatewayd that starts after a crash knows what to tear down (`reconcile_all`).
+so a gatewayd that starts after a crash knows what to tear down (`reconcile_all`). What a finished
+step found (its "done" entry) rides along with the next write: reconcile also scans for what a
+step leaves behind, so only the "start" entries are crash points.
 
 umount: verified teardown (umount, loop detach, fuse2fs exit), then the window closes, NBD is
 flushed, and an export the mount made itself is removed again, or lingers idle (see exports).
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gateway import attachment
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, JournalStep
 from gateway.errors import GatewayError, InvalidArgument, ProbeError
 from gateway.log import fields
 from gateway.probe import probe_reader_async
@@ -91,11 +93,18 @@ class RootfsManager:
         record = self.catalog.attachment(name)
         return None if record is None else record.to_json()
 
-    def _journal(self, name: str, token: trio.lowlevel.TrioToken) -> attachment.Journal:
+    def _journal(self, name: str, token: trio.lowlevel.TrioToken,
+                 pending: list[JournalStep]) -> attachment.Journal:
+        """The attach steps' journal: a step about to start is written at once, together with
+        the results of the steps before it; results after the last start stay in `pending`."""
         def write(step: str, detail: dict[str, object]) -> None:
-            # Called from the worker thread: the catalog lives on the trio thread.
-            trio.from_thread.run_sync(self.catalog.journal, name, step, dict(detail),
-                                      trio_token=token)
+            pending.append((step, dict(detail)))
+            if detail.get("phase") != "done":
+                # Called from the worker thread: the catalog lives on the trio thread.
+                steps = pending[:]
+                pending.clear()
+                trio.from_thread.run_sync(self.catalog.journal_steps, name, steps,
+                                          trio_token=token)
         return write
 
     async def mount(self, name: str, mode: str) -> dict[str, Any]:
@@ -116,11 +125,10 @@ class RootfsManager:
                 raise InvalidArgument(f"fuse mode serves ext2/3/4 only; volume {name} holds "
                                       f"{volume.fstype}")
             phases: dict[str, float] = {}
-            self.catalog.begin_attachment(name, mode, rootfs)
             auto_export = not self.exports.in_use(name)
+            self.catalog.begin_attachment(name, mode, rootfs, [("export", {"auto": auto_export})])
             standby: _Standby | None = None
             try:
-                self.catalog.journal(name, "export", {"auto": auto_export})
                 t = time.perf_counter()
                 export, kept = await self.exports.claim(name)
                 standby = kept if isinstance(kept, _Standby) else None
@@ -138,7 +146,8 @@ class RootfsManager:
                 if mode == "fuse" and fstype not in FUSE_FSTYPES:
                     raise InvalidArgument(f"fuse mode serves ext2/3/4 only; volume {name} "
                                           f"holds {fstype}")
-                self.catalog.pin_fstype(name, fstype)
+                if volume.fstype is None:
+                    self.catalog.pin_fstype(name, fstype)
 
                 t = time.perf_counter()
                 window = (found.rootfs.start, found.rootfs.size)
@@ -155,11 +164,13 @@ class RootfsManager:
                 # The standby's cached blocks are only as fresh as the disk: any write since the
                 # umount (the disk file, another window) and they are dropped.
                 cached = standby is not None and standby.writes == export.backend.writes
+                done: list[JournalStep] = []  # journal entries still to write
                 att = await self._attach(name, mode, fstype, volume.read_only, volume.nosuid,
                                          volume.noexec, phases,
-                                         standby.loop if standby is not None else None, cached)
+                                         standby.loop if standby is not None else None, cached,
+                                         done)
                 self.active[name] = att
-                self.catalog.set_attachment(name, state="mounted")
+                self.catalog.set_attachment(name, state="mounted", steps=done)
                 self._watch_fuse2fs(name, att)
             except BaseException:
                 with trio.CancelScope(shield=True):
@@ -177,9 +188,9 @@ class RootfsManager:
 
     async def _attach(self, name: str, mode: str, fstype: str, read_only: bool, nosuid: bool,
                       noexec: bool, phases: dict[str, float],
-                      standby: attachment.StandbyLoop | None,
-                      standby_cache: bool) -> attachment.Attachment:
-        journal = self._journal(name, trio.lowlevel.current_trio_token())
+                      standby: attachment.StandbyLoop | None, standby_cache: bool,
+                      pending: list[JournalStep]) -> attachment.Attachment:
+        journal = self._journal(name, trio.lowlevel.current_trio_token(), pending)
         started: dict[str, float] = {}
 
         def timed(step: str, detail: dict[str, object]) -> None:
