@@ -123,12 +123,18 @@ def markdown(r: dict[str, Any]) -> str:
     conc = r.get("concurrency")
     if conc:
         walls = conc["wall"]
+        floor = conc.get("floor_syscalls_wall", {})
         one = median(walls["1"]) if "1" in walls else math.nan
+        floor_one = median(floor["1"]) if "1" in floor else math.nan
         lines += ["Concurrent mounts (bind, qcow2, API): wall time until all are mounted, p50 of "
-                  f"{conc['reps']}.", "", "| volumes | wall p50 ms | x one mount |",
-                  "|---:|---:|---:|"]
+                  f"{conc['reps']}. For context, the kernel floor (floor-syscalls: loop ioctl + "
+                  "mount(2) of raw copies, one thread each) at the same levels.", "",
+                  "| volumes | wall p50 ms | x one mount | floor-syscalls p50 ms | x its one |",
+                  "|---:|---:|---:|---:|---:|"]
         for level, vals in walls.items():
-            lines.append(f"| {level} | {_f(median(vals))} | {median(vals) / one:.2f}x |")
+            fl = median(floor[level]) if level in floor else math.nan
+            lines.append(f"| {level} | {_f(median(vals))} | {median(vals) / one:.2f}x | "
+                         f"{_f(fl)} | {fl / floor_one:.2f}x |")
         lines.append("")
     size = r.get("size")
     if size:
@@ -193,6 +199,10 @@ def plot(r: dict[str, Any], path: Path) -> None:
     if walls:
         xs = [int(k) for k in walls]
         ax.plot(xs, [median(v) * 1000 for v in walls.values()], "o-", label="gateway")
+        floor = r["concurrency"].get("floor_syscalls_wall", {})
+        if floor:
+            ax.plot([int(k) for k in floor], [median(v) * 1000 for v in floor.values()], "s:",
+                    label="floor-syscalls")
         one = median(walls.get("1", [math.nan])) * 1000
         ax.plot(xs, [4 * one] * len(xs), "--", label="target: 4x one mount")
         ax.set_xscale("log", base=2)

@@ -267,9 +267,25 @@ class Bench:
                 with contextlib.suppress(Exception):
                     self.api().call("umount", {"name": name})
                 self.api().call("volume-remove", {"name": name})
+        floor = self._floor_many(levels, reps)
         self.results["concurrency"] = {"reps": reps, "mode": "bind", "format": "qcow2",
                                        "wall": out, "failures": failures,
-                                       "concurrent_umount_failures": self.umount_failures}
+                                       "concurrent_umount_failures": self.umount_failures,
+                                       "floor_syscalls_wall": floor}
+
+    def _floor_many(self, levels: tuple[int, ...], reps: int) -> dict[str, list[float]]:
+        """Context for the sweep: the kernel's own cost of N mounts at once (floor-syscalls:
+        LOOP_CONFIGURE + mount(2) of raw copies, one thread each), same levels, caches dropped."""
+        top = max(levels)
+        imgs = [mount_baselines.Images(self.copy(self.raw, f"floor{i}.raw"), self.qcow2,
+                                       PART_OFFSET, FS_SIZE) for i in range(top)]
+        out: dict[str, list[float]] = {}
+        for level in levels:
+            walls = [self._floor_wave(imgs[:level]) for _ in range(reps)]
+            out[str(level)] = walls
+            print(f"  floor-syscalls {level:>2} at once: wall p50 {bench_report.ms(walls)}",
+                  flush=True)
+        return out
 
     def _mount_many(self, clients: list[Client], names: list[str]) -> float:
         assert self.daemon is not None
@@ -309,6 +325,36 @@ class Bench:
             for name in names:
                 with contextlib.suppress(Exception):
                     self.api().call("umount", {"name": name})
+        return wall
+
+    def _floor_wave(self, imgs: list[mount_baselines.Images]) -> float:
+        done: list[mount_baselines.Mounted | None] = [None] * len(imgs)
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(len(imgs) + 1)
+
+        def one(i: int) -> None:
+            work = self.work / "floor-conc" / str(i)
+            work.mkdir(parents=True, exist_ok=True)
+            try:
+                barrier.wait()
+                done[i] = mount_baselines.mount_chain("floor-syscalls", imgs[i], work)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(imgs))]
+        drop_caches()
+        for th in threads:
+            th.start()
+        barrier.wait()
+        t = time.perf_counter()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+        for m in done:
+            if m is not None:
+                m.close()
+        if errors:
+            raise RuntimeError(f"floor-syscalls, {len(imgs)} at once: {errors[0]!r}")
         return wall
 
     # ---- size sweep ------------------------------------------------------------------------
