@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway import attachment, fuse2fs, loopdev, mounts
-from gateway.errors import Conflict, FormatError, InvalidArgument
+from gateway.errors import Conflict, FormatError, GatewayError, InvalidArgument
 from tests.images import MARKER, MIB, ImageSet, copy_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,6 +123,41 @@ def test_bind_mode(env: Env, image_set: ImageSet, table: str) -> None:
     opts = mounts.mounts_at(att.rootfs)[0].options.split(",")
     assert "nodev" in opts and "nosuid" in opts
     attachment.detach(att)
+    assert attachment.leftovers(env.run_dir, "vol") == []
+
+
+@pytest.mark.timeout(60)
+def test_a_standby_loop_outlives_the_umount_and_takes_the_next_mount(
+        env: Env, image_set: ImageSet) -> None:
+    start_view(env, image_set, "gpt")
+    att = attachment.attach_bind(env.run_dir, "vol", "ext4", journal=env.record)
+    device = att.loop
+    standby = attachment.detach(att, keep_loop=True)
+    assert standby is not None and standby.device == device
+    assert not mounts.mounts_under(env.run_dir / "mnt")
+    assert attachment.leftovers(env.run_dir, "vol") == [
+        f"loop {device} on {env.run_dir / 'blk' / 'vol' / 'rootfs'}"]
+    assert attachment.leftovers(env.run_dir, "vol", keep=device) == []
+    env.journal.clear()
+    again = attachment.attach_bind(env.run_dir, "vol", "ext4", journal=env.record,
+                                   standby=standby, standby_cache=True)
+    assert again.loop == device and standby.fd == -1  # the mount holds it now
+    assert env.journal[0][1]["standby"] == device and env.journal[1][1]["cache"] is True
+    assert read_marker(again) == MARKER
+    attachment.detach(again)  # no keep_loop: auto-clear frees it with the umount
+    assert attachment.leftovers(env.run_dir, "vol") == []
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_mount_on_a_standby_frees_it(env: Env, image_set: ImageSet) -> None:
+    start_view(env, image_set, "gpt")
+    standby = attachment.detach(attachment.attach_bind(env.run_dir, "vol", "ext4"),
+                                keep_loop=True)
+    assert standby is not None
+    with pytest.raises(GatewayError):
+        attachment.attach_bind(env.run_dir, "vol", "xfs", standby=standby)  # not an xfs
+    assert standby.fd == -1
+    assert loopdev.wait_released(standby.device)
     assert attachment.leftovers(env.run_dir, "vol") == []
 
 

@@ -66,13 +66,18 @@ def test_persistence_and_journal(tmp_path: Path) -> None:
     cat = Catalog(tmp_path / "c.db")
     cat.add_volume(vol("a"))
     cat.set_exported("a", True)
-    cat.begin_attachment("a", "bind", "/run/x/rootfs/a")
+    cat.begin_attachment("a", "bind", "/run/x/rootfs/a", [("export", {"auto": True})])
     cat.journal("a", "loop", {"device": "/dev/loop3"})
+    cat.journal_steps("a", [("loop", {"phase": "done"}), ("mount", {"phase": "start"})])
+    cat.set_attachment("a", state="mounted", steps=[("mount", {"phase": "done"})])
     cat.close()
     cat = Catalog(tmp_path / "c.db")
     assert cat.exported() == ["a"]
     record = cat.attachment("a")
-    assert record is not None and record.steps == (("loop", {"device": "/dev/loop3"}),)
+    assert record is not None and record.state == "mounted"
+    assert record.steps == (("export", {"auto": True}), ("loop", {"device": "/dev/loop3"}),
+                            ("loop", {"phase": "done"}), ("mount", {"phase": "start"}),
+                            ("mount", {"phase": "done"}))
     cat.end_attachment("a")
     assert cat.attachment("a") is None
     with pytest.raises(NotFound):
