@@ -315,6 +315,13 @@ def detach(att: Attachment, *, force: bool = False,
     keep = _hold_loop(att) if keep_loop and not force else None
     try:
         _teardown(att, force=force, keep=keep)
+        if keep is not None and loopdev.in_use(keep.device):
+            # Still mounted elsewhere (a container's namespace): nothing to keep; the loop goes
+            # when that mount does, and until then it counts as a leftover, as without a standby.
+            keep.close()
+            keep = None
+            if att.loop is not None:
+                _detach_loop_of(att.loop, _layout(att.run_dir).window(att.volume))
         remains = leftovers(att.run_dir, att.volume, keep=keep.device if keep else None)
         if remains:
             raise TeardownIncomplete(att.volume, remains)

@@ -241,6 +241,18 @@ def detach(dev: str, *, wait: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def in_use(dev: str) -> bool:
+    """Whether a filesystem (in any mount namespace) or another exclusive opener holds `dev`."""
+    try:
+        fd = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return True
+        raise _fail(f"open {dev}", exc) from exc
+    os.close(fd)
+    return False
+
+
 def drop_cache(dev_fd: int) -> None:
     """Write back and forget the device's page cache (BLKFLSBUF), so the next reads go to the
     backing file: a device kept bound while nothing used it may cache bytes since rewritten."""

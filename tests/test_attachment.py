@@ -149,6 +149,23 @@ def test_a_standby_loop_outlives_the_umount_and_takes_the_next_mount(
 
 
 @pytest.mark.timeout(60)
+def test_no_standby_while_the_filesystem_is_mounted_elsewhere(env: Env, image_set: ImageSet,
+                                                              tmp_path: Path) -> None:
+    start_view(env, image_set, "gpt")
+    att = attachment.attach_bind(env.run_dir, "vol", "ext4")
+    elsewhere = tmp_path / "elsewhere"  # as a container's namespace would keep it
+    elsewhere.mkdir()
+    mounts.bind(env.run_dir / "mnt" / "vol", elsewhere)
+    try:
+        with pytest.raises(GatewayError):
+            attachment.detach(att, keep_loop=True)  # the device stays busy: no standby
+    finally:
+        mounts.umount(elsewhere)
+    assert att.loop is not None and loopdev.wait_released(att.loop)
+    assert attachment.leftovers(env.run_dir, "vol") == []
+
+
+@pytest.mark.timeout(60)
 def test_a_failed_mount_on_a_standby_frees_it(env: Env, image_set: ImageSet) -> None:
     start_view(env, image_set, "gpt")
     standby = attachment.detach(attachment.attach_bind(env.run_dir, "vol", "ext4"),
