@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import mmap
 import os
@@ -290,36 +291,21 @@ class Bench:
     def _mount_many(self, clients: list[Client], names: list[str]) -> float:
         assert self.daemon is not None
         run_dir = self.daemon.run_dir
-        barrier = threading.Barrier(len(names) + 1)
-        errors: list[BaseException] = []
 
         def one(c: Client, name: str, action: str) -> None:
-            try:
-                barrier.wait()
-                c.call(action, {"name": name, "mode": "bind"} if action == "mount"
-                       else {"name": name})
-                if action == "mount":
-                    read_marker(run_dir / "rootfs" / name)
-            except BaseException as exc:  # reported below
-                errors.append(exc)
+            c.call(action, {"name": name, "mode": "bind"} if action == "mount" else {"name": name})
+            if action == "mount":
+                read_marker(run_dir / "rootfs" / name)
 
-        def wave(action: str) -> float:
-            threads = [threading.Thread(target=one, args=(c, n, action))
-                       for c, n in zip(clients, names, strict=True)]
-            for th in threads:
-                th.start()
-            barrier.wait()
-            t = time.perf_counter()
-            for th in threads:
-                th.join()
-            barrier.reset()
-            return time.perf_counter() - t
+        def wave(action: str) -> tuple[float, list[BaseException]]:
+            return at_once([functools.partial(one, c, n, action)
+                            for c, n in zip(clients, names, strict=True)])
 
         drop_caches()
-        wall = wave("mount")
+        wall, errors = wave("mount")
         if errors:
             raise RuntimeError(f"concurrent mount failed: {errors[0]!r}")
-        wave("umount")
+        _, errors = wave("umount")
         if errors:  # the mounts stand (wall is valid); a failed teardown is retried and reported
             self.umount_failures.append(repr(errors[0]))
             for name in names:
@@ -329,27 +315,15 @@ class Bench:
 
     def _floor_wave(self, imgs: list[mount_baselines.Images]) -> float:
         done: list[mount_baselines.Mounted | None] = [None] * len(imgs)
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(len(imgs) + 1)
+        works = [self.work / "floor-conc" / str(i) for i in range(len(imgs))]
+        for work in works:
+            work.mkdir(parents=True, exist_ok=True)
 
         def one(i: int) -> None:
-            work = self.work / "floor-conc" / str(i)
-            work.mkdir(parents=True, exist_ok=True)
-            try:
-                barrier.wait()
-                done[i] = mount_baselines.mount_chain("floor-syscalls", imgs[i], work)
-            except BaseException as exc:  # reported below
-                errors.append(exc)
+            done[i] = mount_baselines.mount_chain("floor-syscalls", imgs[i], works[i])
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(imgs))]
         drop_caches()
-        for th in threads:
-            th.start()
-        barrier.wait()
-        t = time.perf_counter()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t
+        wall, errors = at_once([functools.partial(one, i) for i in range(len(imgs))])
         for m in done:
             if m is not None:
                 m.close()
@@ -570,6 +544,29 @@ def reaches_libvirtd(shared: Path) -> bool:
     finally:
         mounts.umount(probe)
         probe.rmdir()
+
+
+def at_once(jobs: list[Callable[[], None]]) -> tuple[float, list[BaseException]]:
+    """Run each job in its own thread, all released together: the wall time until the last one
+    is done, and what they raised."""
+    barrier = threading.Barrier(len(jobs) + 1)
+    errors: list[BaseException] = []
+
+    def run(job: Callable[[], None]) -> None:
+        try:
+            barrier.wait()
+            job()
+        except BaseException as exc:  # returned to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for th in threads:
+        th.start()
+    barrier.wait()
+    t = time.perf_counter()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t, errors
 
 
 def wait_file(path: Path, timeout: float = 30.0) -> None:
