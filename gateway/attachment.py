@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway import fuse2fs, loopdev, mkfs, mounts
-from gateway.errors import BackendError, Conflict, GatewayError, InvalidArgument, NotFound
+from gateway.errors import (
+    BackendError,
+    Conflict,
+    FormatError,
+    GatewayError,
+    InvalidArgument,
+    NotFound,
+)
 
 Journal = Callable[[str, dict[str, object]], None]
 JournalEntry = tuple[str, Mapping[str, object]]
@@ -84,6 +91,23 @@ class RunLayout:
     def rootfs(self, volume: str) -> Path:
         return self.rootfs_root / volume
 
+    def prepare(self) -> None:
+        """Make the run dir's tree with its modes: RUN_DIR itself 0711 (clients reach admin.sock
+        by name, nobody lists it); blk, mnt and rootfs 0700, so no host user reaches a tenant's
+        files, setuid binaries or the private kernel mounts. Blocking."""
+        private_dir(self.run_dir, 0o711)
+        for d in (self.blk, self.mnt_root, self.rootfs_root):
+            private_dir(d)
+
+
+def private_dir(path: Path, mode: int = 0o700) -> None:
+    """`path` as a root-owned directory with exactly `mode` (made, or fixed if it exists)."""
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if (st.st_mode & 0o7777) != mode or st.st_uid != 0:
+        os.chown(path, 0, 0, follow_symlinks=False)
+        os.chmod(path, mode)
+
 
 def _layout(run_dir: str | os.PathLike[str], volume: str | None = None) -> RunLayout:
     if volume is not None and (not volume or "/" in volume or volume in (".", "..")):
@@ -134,7 +158,7 @@ def prepare_rootfs_root(run_dir: str | os.PathLike[str]) -> Path:
     libvirtd started still propagate into libvirt's namespace.
     """
     root = _layout(run_dir).rootfs_root
-    root.mkdir(parents=True, exist_ok=True)
+    private_dir(root)
     if not any(m.shared for m in mounts.mounts_at(root)):
         if not mounts.is_mountpoint(root):
             mounts.bind(root, root, nodev=False)
@@ -158,6 +182,56 @@ def _flags(read_only: bool, nosuid: bool, noexec: bool) -> int:
             | (mounts.MS_NOSUID if nosuid else 0) | (mounts.MS_NOEXEC if noexec else 0))
 
 
+EXT_FSTYPES = ("ext2", "ext3", "ext4")  # all three served by the ext4 driver on this host
+# s_default_mount_opts (superblock 0x100, `tune2fs -o`) bits an image may carry in bind mode:
+# user_xattr 0x4 and acl 0x8 (what mkfs sets), data=ordered 0x40 (the default anyway) and
+# block_validity 0x200 (more checking). debug, bsdgroups, uid16, data=journal|writeback,
+# nobarrier, discard and nodelalloc would each be the image choosing the host kernel's behaviour
+# (seen on 6.18: journal_data, nobarrier and debug took effect, hidden from mountinfo).
+EXT_SAFE_DEFAULT_OPTS = 0x0004 | 0x0008 | 0x0040 | 0x0200
+
+
+def _ext_mount_data(volume: str, device: str, fstype: str, data: str | None) -> str | None:
+    """The data for mount(2), once the ext2/3/4 superblock on `device` is known not to steer it.
+
+    The image must not choose what the host kernel does beyond its own volume:
+    - s_errors (tune2fs -e panic) is only a default: an explicit errors=remount-ro overrides it.
+    - s_mount_opts (superblock 0x200, 64 bytes; tune2fs -E mount_opts=) is parsed as mount
+      options at every mount whose first byte is not NUL (fs/ext4/super.c
+      parse_apply_sb_mount_options); the caller's options only win for the keys they name, and
+      there is no option to ignore the field. Seen on kernel 6.18 under errors=remount-ro:
+      noload (read-write without a journal), nobarrier, data=journal, commit=86400, resuid=,
+      usrjquota=, inode_readahead_blks=2^30, debug, test_dummy_encryption all took effect, and
+      journal_path= made the kernel look a path up in gatewayd's namespace. Such an image is
+      refused (a superblock naming a journal device is left to the probe, which refuses it).
+    """
+    if fstype not in EXT_FSTYPES:
+        return data
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sb = os.pread(fd, 1024, 1024)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise BackendError(f"attachment {volume}: read the superblock on {device}: "
+                           f"{exc.strerror}") from exc
+    if len(sb) == 1024 and sb[0x38:0x3A] == b"\x53\xef" and sb[0x200] != 0:
+        shown = "".join(c if " " <= c <= "~" else "?"
+                        for c in sb[0x200:0x240].split(b"\0", 1)[0].decode("latin-1"))
+        raise FormatError(f"attachment {volume}: the {fstype} superblock carries its own mount "
+                          f"options ({shown!r}), which bind mode refuses; clear them with "
+                          f"`tune2fs -E mount_opts= IMAGE` or use fuse mode")
+    defaults = int.from_bytes(sb[0x100:0x104], "little") if len(sb) == 1024 else 0
+    if defaults & ~EXT_SAFE_DEFAULT_OPTS:
+        raise FormatError(f"attachment {volume}: the {fstype} superblock sets default mount "
+                          f"options 0x{defaults:x} (tune2fs -o), which bind mode refuses beyond "
+                          "user_xattr, acl, data=ordered and block_validity; reset them with "
+                          "`tune2fs -o ^OPTION IMAGE` or use fuse mode")
+    kept = [opt for opt in (data or "").split(",") if opt and not opt.startswith("errors=")]
+    return ",".join([*kept, "errors=remount-ro"])
+
+
 def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
                 journal: Journal = _no_journal, read_only: bool = False, nosuid: bool = True,
                 noexec: bool = False, data: str | None = None,
@@ -175,7 +249,7 @@ def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
     lay = _layout(run_dir, volume)
     mnt, target, window = lay.mnt(volume), lay.rootfs(volume), lay.window(volume)
     for d in (mnt, target):
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
     att = Attachment(volume, BIND, lay.run_dir, target, read_only=read_only)
     flags = _flags(read_only, nosuid, noexec)
     try:
@@ -198,6 +272,7 @@ def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
             att.loop = device = loop.path
             journal("loop", {"phase": "done", "file": str(window), "device": loop.path})
         try:
+            data = _ext_mount_data(volume, device, fstype, data)
             journal("mount", {"phase": "start", "device": device, "target": str(mnt),
                               "fstype": fstype, "flags": flags, "data": data})
             mounts.mount(device, mnt, fstype, flags, data)
@@ -230,7 +305,7 @@ def attach_fuse(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
     fuse2fs.check_fstype(fstype)
     lay = _layout(run_dir, volume)
     target, window = lay.rootfs(volume), lay.window(volume)
-    target.mkdir(parents=True, exist_ok=True)
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not read_only:
         # fuse2fs neither replays a journal nor survives a crash cleanly (bitmaps live in its
         # memory): let e2fsck replay and preen first, as a boot would.
@@ -239,7 +314,8 @@ def attach_fuse(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
         journal("fsck", {"phase": "done", "exit": code})
     journal("fuse2fs", {"phase": "start", "image": str(window), "target": str(target)})
     handle = fuse2fs.start(window, target, fstype, read_only=read_only, nosuid=nosuid,
-                           noexec=noexec, timeout=timeout, stderr_path=stderr_path)
+                           noexec=noexec, timeout=timeout, stderr_path=stderr_path,
+                           confine=lay.rootfs_root)
     journal("fuse2fs", {"phase": "done", "pid": handle.pid, "target": str(target)})
     return Attachment(volume, FUSE, lay.run_dir, target, fuse=handle)
 
@@ -334,14 +410,15 @@ def detach(att: Attachment, *, force: bool = False,
 
 def leftovers(run_dir: str | os.PathLike[str], volume: str, *,
               keep: str | None = None) -> list[str]:
-    """What of `volume` is still present: mounts, loop devices (but `keep`), fuse2fs processes."""
+    """What of `volume` is still present: mounts, loop devices (but `keep`), fuse2fs processes
+    (trusted ones, mounted at RUN_DIR/rootfs/VOL: see fuse2fs.identify)."""
     lay = _layout(run_dir, volume)
     remains: list[str] = []
     for root in (lay.mnt(volume), lay.rootfs(volume)):
         remains += [f"mount {m.mount_point} ({m.fstype})" for m in mounts.mounts_under(root)]
     remains += [f"loop {dev} on {loopdev.backing_file(dev)}"
                 for dev in loopdev.devices_backed_by(lay.volume_dir(volume)) if dev != keep]
-    for pid in fuse2fs.processes_under(lay.rootfs(volume)):
+    for pid in fuse2fs.processes_mounted_under(lay.rootfs(volume)):
         remains.append(f"fuse2fs pid {pid}")
     return remains
 
@@ -368,8 +445,10 @@ def _journal_facts(entries: Iterable[JournalEntry]) -> tuple[set[str], set[int]]
             loops.add(str(detail["device"]))
         elif step == "mount" and isinstance(detail.get("device"), str):
             loops.add(str(detail["device"]))
-        elif step == "fuse2fs" and isinstance(detail.get("pid"), int):
-            pids.add(int(detail["pid"]))  # type: ignore[call-overload]
+        elif step == "fuse2fs":
+            pid = detail.get("pid")
+            if isinstance(pid, int) and not isinstance(pid, bool) and pid > 1:
+                pids.add(pid)  # only a hint: _stop_fuse2fs checks who the pid is now
     return {d for d in loops if os.path.basename(d).startswith("loop")}, pids
 
 
@@ -404,14 +483,18 @@ def _detach_loops(devs: Iterable[str], under: Path, report: ReconcileReport) -> 
             report.errors.append(f"detach {dev}: {exc}")
 
 
-def _stop_fuse2fs(pids: Iterable[int], under: Path, report: ReconcileReport) -> None:
-    live = fuse2fs.processes_under(under)
+def _stop_fuse2fs(pids: Iterable[int], under: Path, report: ReconcileReport, *,
+                  rootfs_root: Path) -> None:
+    """Stop the journalled `pids` and the fuse2fs processes mounted at or below `under`, but
+    only trusted ones (root's, the real binary) whose mount target lies below `rootfs_root`:
+    anything else (another user's look-alike, root's own fuse2fs elsewhere) is not ours."""
+    live = fuse2fs.processes_mounted_under(under)
     for pid in sorted(set(pids) | set(live)):
-        argv = live.get(pid)
-        if argv is None:
-            continue  # gone, or the pid now belongs to something else
-        target = next((a for a in argv[1:] if a.startswith(str(under))), str(under))
-        handle = fuse2fs.adopt(pid, argv[2] if len(argv) > 2 else target)
+        proc = live.get(pid) or fuse2fs.identify(pid)
+        if proc is None or proc.target is None or not (
+                proc.target == str(under) or proc.target.startswith(str(under) + "/")):
+            continue  # gone, not trusted, or mounted elsewhere: the pid is someone else's
+        handle = fuse2fs.adopt(pid, proc.target, confine=rootfs_root)
         if handle is None:
             continue
         report.found.append(f"fuse2fs pid {pid} at {handle.target}")
@@ -430,6 +513,8 @@ def reconcile(run_dir: str | os.PathLike[str], volume: str,
     its loop devices and fuse2fs read a dead FUSE file (ENOTCONN). Reconcile therefore always
     tears down: unmount (forcing or detaching lazily when the backend is dead), detach loop
     devices, stop fuse2fs, then verify. The report lists what was found, done and what remains.
+    A journalled fuse2fs pid is only a hint: what is stopped must be a trusted fuse2fs (root's,
+    the real binary) mounted at RUN_DIR/rootfs/VOL, and nothing outside RUN_DIR/rootfs is unmounted.
     """
     lay = _layout(run_dir, volume)
     report = ReconcileReport()
@@ -438,23 +523,24 @@ def reconcile(run_dir: str | os.PathLike[str], volume: str,
     _unmount_all(lay.mnt(volume), report)
     _detach_loops(loops | set(loopdev.devices_backed_by(lay.volume_dir(volume))),
                   lay.volume_dir(volume), report)
-    _stop_fuse2fs(pids, lay.rootfs(volume), report)
+    _stop_fuse2fs(pids, lay.rootfs(volume), report, rootfs_root=lay.rootfs_root)
     report.remaining = leftovers(run_dir, volume)
     return report
 
 
 def sweep(run_dir: str | os.PathLike[str], *, block_view: bool = True) -> ReconcileReport:
     """Remove leftovers in no journal: mounts under RUN_DIR/mnt and RUN_DIR/rootfs (the shared
-    rootfs root itself stays), loop devices on files under RUN_DIR/blk, fuse2fs processes under
-    RUN_DIR, and (block_view=True) a stale FUSE mount at RUN_DIR/blk. A block view that still
-    answers is left alone and reported: it belongs to a live daemon.
+    rootfs root itself stays), loop devices on files under RUN_DIR/blk, trusted fuse2fs processes
+    mounted below RUN_DIR/rootfs (never a look-alike, nor a mount elsewhere), and
+    (block_view=True) a stale FUSE mount at RUN_DIR/blk. A block view that still answers is left
+    alone and reported: it belongs to a live daemon.
     """
     lay = _layout(run_dir)
     report = ReconcileReport()
     _unmount_all(lay.rootfs_root, report, keep_root=True)
     _unmount_all(lay.mnt_root, report)
     _detach_loops(loopdev.devices_backed_by(lay.blk), lay.blk, report)
-    _stop_fuse2fs((), lay.run_dir, report)
+    _stop_fuse2fs((), lay.rootfs_root, report, rootfs_root=lay.rootfs_root)
     live_view = False
     if block_view and mounts.is_mountpoint(lay.blk):
         try:
@@ -475,5 +561,6 @@ def sweep(run_dir: str | os.PathLike[str], *, block_view: bool = True) -> Reconc
     report.remaining += [f"mount {m.mount_point}" for m in mounts.mounts_under(lay.rootfs_root)
                          if m.mount_point != str(lay.rootfs_root)]
     report.remaining += [f"loop {d}" for d in loopdev.devices_backed_by(lay.blk)]
-    report.remaining += [f"fuse2fs pid {p}" for p in fuse2fs.processes_under(lay.run_dir)]
+    report.remaining += [f"fuse2fs pid {p}"
+                         for p in fuse2fs.processes_mounted_under(lay.rootfs_root)]
     return report

@@ -70,6 +70,13 @@ MIGRATIONS: tuple[str, ...] = (
         volume TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE
     );
     """,
+    # 5: setuid is an explicit per-volume opt-in (every existing volume becomes nosuid), and the
+    # identity (device, inode) of each image file, checked at every later open.
+    """
+    UPDATE volumes SET nosuid = 1;
+    ALTER TABLE volumes ADD COLUMN file_dev INTEGER;
+    ALTER TABLE volumes ADD COLUMN file_ino INTEGER;
+    """,
 )
 ORIGINS = ("registered", "overlay", "copy", "blank", "import", "pool")
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -92,7 +99,7 @@ class Volume:
     virtual_size: int
     read_only: bool = False
     block_device: bool = False
-    nosuid: bool = False
+    nosuid: bool = True  # setuid binaries are honoured only on volumes registered with --setuid
     noexec: bool = False
     created: str = field(default_factory=now)
     header: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +109,8 @@ class Volume:
     origin: str = "registered"
     base: str | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
+    # The image file's (st_dev, st_ino) at registration: every later open must find that file.
+    file_id: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,7 +141,7 @@ class AttachmentRecord:
 
 
 _VOLUME_COLUMNS = ("name, path, format, virtual_size, read_only, block_device, nosuid, noexec, "
-                   "created, header, fstype, origin, base, lineage")
+                   "created, header, fstype, origin, base, lineage, file_dev, file_ino")
 
 
 def _volume(row: sqlite3.Row) -> Volume:
@@ -141,7 +150,9 @@ def _volume(row: sqlite3.Row) -> Volume:
                   block_device=bool(row["block_device"]), nosuid=bool(row["nosuid"]),
                   noexec=bool(row["noexec"]), created=row["created"],
                   header=json.loads(row["header"]), fstype=row["fstype"],
-                  origin=row["origin"], base=row["base"], lineage=json.loads(row["lineage"]))
+                  origin=row["origin"], base=row["base"], lineage=json.loads(row["lineage"]),
+                  file_id=(None if row["file_dev"] is None
+                           else (int(row["file_dev"]), int(row["file_ino"]))))
 
 
 class Catalog:
@@ -228,11 +239,12 @@ class Catalog:
                     raise CatalogError(f"unknown volume origin {volume.origin!r}")
                 db.execute(
                     f"INSERT INTO volumes ({_VOLUME_COLUMNS}) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (volume.name, volume.path, volume.format, volume.virtual_size,
                      int(volume.read_only), int(volume.block_device), int(volume.nosuid),
                      int(volume.noexec), volume.created, json.dumps(volume.header),
-                     volume.fstype, volume.origin, volume.base, json.dumps(volume.lineage)))
+                     volume.fstype, volume.origin, volume.base, json.dumps(volume.lineage),
+                     *(volume.file_id or (None, None))))
         except sqlite3.Error as exc:
             raise CatalogError(f"catalog: {exc}") from exc
 
@@ -263,20 +275,25 @@ class Catalog:
 
     def update_volume(self, name: str, *, read_only: bool | None = None,
                       virtual_size: int | None = None,
-                      lineage: dict[str, Any] | None = None) -> None:
+                      lineage: dict[str, Any] | None = None, nosuid: bool | None = None,
+                      noexec: bool | None = None,
+                      file_id: tuple[int, int] | None = None) -> None:
         """Change a volume's mutable columns in one transaction."""
+        changes: list[tuple[str, Any]] = [
+            (column, value) for column, value in (
+                ("read_only", None if read_only is None else int(read_only)),
+                ("virtual_size", virtual_size),
+                ("lineage", None if lineage is None else json.dumps(lineage)),
+                ("nosuid", None if nosuid is None else int(nosuid)),
+                ("noexec", None if noexec is None else int(noexec)),
+                ("file_dev", None if file_id is None else file_id[0]),
+                ("file_ino", None if file_id is None else file_id[1]))
+            if value is not None]
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM volumes WHERE name = ?", (name,)).fetchone() is None:
                 raise NotFound(f"no volume named {name}")
-            if read_only is not None:
-                db.execute("UPDATE volumes SET read_only = ? WHERE name = ?",
-                           (int(read_only), name))
-            if virtual_size is not None:
-                db.execute("UPDATE volumes SET virtual_size = ? WHERE name = ?",
-                           (virtual_size, name))
-            if lineage is not None:
-                db.execute("UPDATE volumes SET lineage = ? WHERE name = ?",
-                           (json.dumps(lineage), name))
+            for column, value in changes:  # column names come from the tuple above only
+                db.execute(f"UPDATE volumes SET {column} = ? WHERE name = ?", (value, name))
 
     def pin_fstype(self, name: str, fstype: str) -> None:
         with self.transaction() as db:

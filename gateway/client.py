@@ -13,7 +13,7 @@ ERRORS_BY_CODE: dict[str, type[errors.GatewayError]] = {
     cls.code: cls for cls in (
         errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.Conflict,
         errors.FormatError, errors.ProbeError, errors.PermissionDenied, errors.CommandError,
-        errors.BackendError, errors.DaemonUnavailable)
+        errors.BackendError, errors.DaemonUnavailable, errors.TooManyConnections)
 }
 
 

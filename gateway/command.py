@@ -64,17 +64,41 @@ def spawn(
     stderr_path: str | None = None,
     pass_fds: Sequence[int] = (),
     error: type[CommandError] = CommandError,
+    stdin: int | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    new_session: bool = True,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-lived child in its own session, stdin closed, stderr to a file or discarded."""
+    """Start a long-lived child in its own session, stdin closed, stderr to a file or discarded.
+
+    `stdin`, `stdout` and `stderr` may name open descriptors to use instead (stdout otherwise goes
+    where stderr goes); `cwd` is its working directory; `new_session=False` keeps it in the
+    caller's process group (killed with it)."""
     args = [os.fspath(a) for a in argv]
     full_env = None if env is None else {**os.environ, **env}
     err_target = open(stderr_path, "ab") if stderr_path else subprocess.DEVNULL
     try:
-        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err_target,
-                                stderr=err_target, env=full_env, start_new_session=True,
-                                pass_fds=tuple(pass_fds))
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL if stdin is None else stdin,
+                                stdout=err_target if stdout is None else stdout,
+                                stderr=err_target if stderr is None else stderr,
+                                env=full_env, start_new_session=new_session,
+                                pass_fds=tuple(pass_fds), cwd=cwd)
     except FileNotFoundError as exc:
         raise error(f"{args[0]}: not installed") from exc
     finally:
         if stderr_path and not isinstance(err_target, int):
             err_target.close()
+
+
+# A prefix for tools that parse tenant bytes but need no privilege beyond owning the file they
+# work on (as uid 0): setpriv empties the capability bounding set, so the exec'd program runs as
+# uid 0 with no capabilities at all, and no_new_privs keeps it from regaining any.
+WITHOUT_CAPABILITIES = ("setpriv", "--no-new-privs", "--bounding-set", "-all", "--inh-caps",
+                        "-all", "--")
+
+
+def with_capabilities(*keep: str) -> tuple[str, ...]:
+    """Like WITHOUT_CAPABILITIES, keeping the named capabilities (e.g. "sys_admin")."""
+    bounding = ",".join(["-all", *(f"+{cap}" for cap in keep)])
+    return ("setpriv", "--no-new-privs", "--bounding-set", bounding, "--inh-caps", "-all", "--")

@@ -72,8 +72,14 @@ def mapping(pairs: Sequence[tuple[str, Any]]) -> str:
 # Commands.
 def cmd_status(ns: argparse.Namespace) -> int:
     result = call(ns, "status")
-    return emit(ns, result, lambda r: mapping([(k, r[k]) for k in sorted(r)
-                                               if not isinstance(r[k], (dict, list))]))
+
+    def human(r: dict[str, Any]) -> str:
+        pairs = [(k, r[k]) for k in sorted(r) if not isinstance(r[k], (dict, list))]
+        security = r.get("security") or {}
+        if security.get("warning"):
+            pairs.append(("warning", security["warning"]))
+        return mapping(pairs)
+    return emit(ns, result, human)
 
 
 def volume_row(v: dict[str, Any]) -> list[Any]:
@@ -83,22 +89,37 @@ def volume_row(v: dict[str, Any]) -> list[Any]:
             attachment.get("mode"), v["path"]]
 
 
+def mount_flag_args(ns: argparse.Namespace) -> dict[str, Any]:
+    """The mount-flag arguments of a request that makes a volume (nosuid is the default)."""
+    return {"setuid": ns.setuid, "noexec": ns.noexec}
+
+
 def cmd_volume_add(ns: argparse.Namespace) -> int:
-    flags = {"read_only": ns.read_only, "nosuid": ns.nosuid, "noexec": ns.noexec}
+    flags = {"read_only": ns.read_only, "fstype": ns.fstype, **mount_flag_args(ns)}
     if ns.pool or ns.vol:
-        if ns.path or ns.format or not (ns.pool and ns.vol):
+        if ns.path or not (ns.pool and ns.vol and ns.format):
             raise InvalidArgument("give either PATH --format F, or --pool POOL --vol VOL "
-                                  "(the pool volume's XML pins the format)")
-        args = {"name": ns.name, "pool": ns.pool, "vol": ns.vol, "uri": ns.uri, **flags}
+                                  "--format F (which must agree with the pool volume's XML)")
+        args = {"name": ns.name, "pool": ns.pool, "vol": ns.vol, "format": ns.format, **flags}
         result = call(ns, "volume-add-pool", args)
     else:
         if not ns.path or not ns.format:
             raise InvalidArgument("PATH and --format raw|qcow2 are required "
-                                  "(or --pool POOL --vol VOL)")
+                                  "(or --pool POOL --vol VOL --format F)")
         result = call(ns, "volume-add", {"name": ns.name, "path": ns.path, "format": ns.format,
                                          **flags})
     return emit(ns, result, lambda r: f"added {r['name']} ({r['format']}, "
                                       f"{size_text(r['virtual_size'])}) from {r['path']}")
+
+
+def cmd_volume_set(ns: argparse.Namespace) -> int:
+    args: dict[str, Any] = {"name": ns.name}
+    if ns.setuid is not None:
+        args["setuid"] = ns.setuid
+    if ns.noexec is not None:
+        args["noexec"] = ns.noexec
+    result = call(ns, "volume-set", args)
+    return emit(ns, result, lambda r: f"{r['name']}: nosuid={r['nosuid']} noexec={r['noexec']}")
 
 
 def cmd_volume_ls(ns: argparse.Namespace) -> int:
@@ -216,6 +237,13 @@ def cmd_install_hook(ns: argparse.Namespace) -> int:
     return 0
 
 
+def add_mount_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--setuid", action="store_true",
+                   help="honour setuid binaries in the rootfs (default: mounted nosuid)")
+    p.add_argument("--nosuid", action="store_true", help=argparse.SUPPRESS)  # the default now
+    p.add_argument("--noexec", action="store_true", help="mount the rootfs noexec")
+
+
 def add_domain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("--volume", required=True)
@@ -246,13 +274,21 @@ def build_parser() -> Parser:
     p.add_argument("--format", help="raw or qcow2 (never guessed)")
     p.add_argument("--pool", help="libvirt storage pool (with --vol; the format comes from "
                                   "the pool volume's XML)")
-    p.add_argument("--vol", help="volume in --pool")
-    p.add_argument("--uri", default=None, help="libvirt URI for --pool (default: gatewayd's)")
+    p.add_argument("--vol", help="volume in --pool (through gatewayd's own libvirt URI)")
     p.add_argument("--read-only", action="store_true")
-    p.add_argument("--nosuid", action="store_true", help="mount the rootfs nosuid")
-    p.add_argument("--noexec", action="store_true", help="mount the rootfs noexec")
+    p.add_argument("--fstype", choices=["ext2", "ext3", "ext4", "xfs", "btrfs"],
+                   help="pin the rootfs filesystem type now (default: pinned at first mount)")
+    add_mount_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_volume_add)
+    p = volume.add_parser("set", help="change how a volume's rootfs is mounted (unmounted only)")
+    p.add_argument("name")
+    p.add_argument("--setuid", action=argparse.BooleanOptionalAction, default=None,
+                   help="honour setuid binaries in the rootfs (--no-setuid: nosuid)")
+    p.add_argument("--noexec", action=argparse.BooleanOptionalAction, default=None,
+                   help="mount the rootfs noexec")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_volume_set)
     p = volume.add_parser("ls", help="list volumes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_volume_ls)

@@ -7,6 +7,7 @@ import fcntl
 import importlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -14,15 +15,16 @@ from pathlib import Path
 
 import trio
 
-from gateway import heap
+from gateway import heap, imagefile
 from gateway import log as gwlog
-from gateway.attachment import prepare_rootfs_root
-from gateway.catalog import Catalog
+from gateway.attachment import RunLayout, prepare_rootfs_root, private_dir
+from gateway.catalog import Catalog, Volume
 from gateway.config import Settings, check_linger, parse_roots
 from gateway.domains import watch_domains
 from gateway.errors import GatewayError, first_gateway_error
 from gateway.exports import Exports
 from gateway.fuse.blockview import BlockView
+from gateway.imagefile import FileId
 from gateway.log import fields
 from gateway.metrics import Metrics
 from gateway.nbd.qsd import StorageDaemon
@@ -52,8 +54,7 @@ def notify_systemd(message: str) -> None:
 def lock_run_dir(run_dir: Path) -> int:
     """One gatewayd per run dir: an flock held for the daemon's lifetime (released on exit,
     however it exits). Taken before anything touches the run dir."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(run_dir, 0o755)
+    private_dir(run_dir, 0o711)
     fd = os.open(run_dir / "gatewayd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,8 +67,17 @@ def lock_run_dir(run_dir: Path) -> int:
     return fd
 
 
+def prepare_state_dir(settings: Settings) -> None:
+    """The state dir 0700 and the catalog's files 0600, whatever they were before."""
+    private_dir(settings.state_dir)
+    for path in settings.state_dir.glob(settings.catalog_path.name + "*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o600)
+
+
 async def serve(settings: Settings) -> None:
     lock_run_dir(settings.run_dir)
+    prepare_state_dir(settings)
     catalog = Catalog(settings.catalog_path)
     gateway = Gateway(settings, catalog)
     policy = AccessPolicy(settings.admin_group)
@@ -95,8 +105,28 @@ async def serve(settings: Settings) -> None:
     log.info("gatewayd stopped")
 
 
+def find_file_ids(volumes: list[Volume]) -> dict[str, FileId]:
+    """Identities of the image files of rows registered before they were recorded (blocking)."""
+    found: dict[str, FileId] = {}
+    for volume in volumes:
+        try:
+            fd, found[volume.name] = imagefile.open_pinned(volume.path, None)
+        except GatewayError as exc:
+            log.warning("image file not found at start", extra=fields(volume=volume.name,
+                                                                       error=exc.message))
+            continue
+        os.close(fd)
+    return found
+
+
 async def reconcile(gateway: Gateway) -> None:
-    """Before anything starts: tear down what a crashed gatewayd left behind."""
+    """Before anything starts: record missing file identities (a catalog from before they were
+    kept), then tear down what a crashed gatewayd left behind."""
+    unpinned = [v for v in gateway.catalog.volumes() if v.file_id is None]
+    if unpinned:
+        ids = await trio.to_thread.run_sync(find_file_ids, unpinned)
+        for name, file_id in ids.items():
+            gateway.catalog.update_volume(name, file_id=file_id)
     journals = [(r.volume, r.steps) for r in gateway.catalog.attachments()]
     report = await trio.to_thread.run_sync(reconcile_all, gateway.settings.run_dir, journals)
     for name, steps in journals:
@@ -118,8 +148,8 @@ async def reconcile(gateway: Gateway) -> None:
 async def start_components(gateway: Gateway, nursery: trio.Nursery) -> None:
     """Block view, then QSD, then the shared rootfs root, then exports the catalog remembers."""
     run_dir = gateway.settings.run_dir
+    await trio.to_thread.run_sync(RunLayout(run_dir).prepare)  # after reconcile's sweep
     view = BlockView()
-    (run_dir / "blk").mkdir(exist_ok=True)
     await nursery.start(view.run, run_dir / "blk")
     holder: list[Exports] = []
     qsd = StorageDaemon(run_dir, lambda: holder[0].desired() if holder else [])
@@ -177,6 +207,13 @@ def parse_args(argv: list[str] | None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Admin connections, exports and mounts all cost fds: take what the hard limit allows.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, hard), hard))
+    # Nothing gatewayd makes is meant for other users: sockets, logs, the catalog and images
+    # are created 0600/0700 whatever umask it was started with (the admin socket is opened up to
+    # its group explicitly).
+    os.umask(0o077)
     settings = parse_args(argv)
     for module in OP_MODULES:
         importlib.import_module(module)

@@ -64,6 +64,12 @@ class BackendError(GatewayError):
     code = "backend-error"
 
 
+class TooManyConnections(GatewayError):
+    """A non-root peer holds more admin connections than its cap."""
+
+    code = "too-many-connections"
+
+
 class DaemonUnavailable(GatewayError):
     code = "daemon-unavailable"
 

@@ -56,7 +56,8 @@ CONNECTION_ERRNOS = frozenset({errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET, er
 def spec_of(volume: Volume, backing: ExportSpec | None = None) -> ExportSpec:
     fmt: Literal["raw", "qcow2"] = "qcow2" if volume.format == "qcow2" else "raw"
     return ExportSpec(name=volume.name, path=volume.path, fmt=fmt, read_only=volume.read_only,
-                      block_device=volume.block_device, backing=backing)
+                      block_device=volume.block_device, backing=backing,
+                      file_id=volume.file_id)
 
 
 def chain_spec(catalog: Catalog, volume: Volume, *, top: bool = True) -> ExportSpec:

@@ -14,6 +14,7 @@ Every function here blocks (qemu-img, mkfs, sfdisk, tar extraction): call them f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -23,9 +24,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gateway import mkfs, qemu_img, tarball, volumes
+from gateway import imagefile, import_worker, mkfs, qemu_img, tarball, volumes
 from gateway.catalog import Volume
 from gateway.errors import AlreadyExists, InvalidArgument
+from gateway.imagefile import FileId
 from gateway.nbd.nodes import ExportSpec
 
 Progress = Callable[[float], None]
@@ -67,10 +69,17 @@ def new_image_path(state_dir: Path, name: str, fmt: str) -> Path:
     return path
 
 
-def layer_tree(spec: ExportSpec) -> dict[str, Any]:
-    """An export spec (with its backing chain) as a read-only qemu-img source tree."""
-    backing = layer_tree(spec.backing) if spec.backing is not None else None
-    return qemu_img.layer(spec.path, spec.fmt, backing)
+def layer_tree(spec: ExportSpec, filenames: list[str] | None = None) -> dict[str, Any]:
+    """An export spec (with its backing chain) as a read-only qemu-img source tree; `filenames`
+    (top first, from imagefile.pinned) replace the layers' paths."""
+    names = filenames or [s.path for s in spec.chain()]
+    backing = layer_tree(spec.backing, names[1:]) if spec.backing is not None else None
+    return qemu_img.layer(names[0], spec.fmt, backing)
+
+
+def chain_files(spec: ExportSpec) -> list[tuple[str, FileId | None]]:
+    """Every layer's registered file, top first, for imagefile.pinned."""
+    return [(s.path, s.file_id) for s in spec.chain()]
 
 
 def chain_layers(spec: ExportSpec) -> list[dict[str, str]]:
@@ -101,31 +110,31 @@ def _scratch(final: Path, what: str) -> Path:
 
 
 def registered(name: str, path: Path, fmt: str, *, origin: str, lineage: dict[str, Any],
-               base: str | None = None, read_only: bool = False, nosuid: bool = False,
+               base: str | None = None, read_only: bool = False, nosuid: bool = True,
                noexec: bool = False) -> Volume:
     """The catalog row of an image the gateway just made, checked like `volume add` (overlays
     name a backing file, which `volume add` refuses: their header is checked by qemu-img info)."""
     if base is None:
         checked = volumes.examine(name, str(path), fmt, read_only=read_only, nosuid=nosuid,
                                   noexec=noexec)
-        return Volume(name=name, path=checked.path, format=fmt, virtual_size=checked.virtual_size,
-                      read_only=read_only, nosuid=nosuid, noexec=noexec, header=checked.header,
-                      origin=origin, lineage=lineage)
+        return dataclasses.replace(checked, origin=origin, lineage=lineage)
     info = qemu_img.info(path, fmt)
     header = {"backing_file": info.get("backing-filename"),
               "backing_format": info.get("backing-filename-format")}
     size = info.get("virtual-size")
     assert isinstance(size, int)
+    st = os.stat(path)
     return Volume(name=name, path=str(path), format=fmt, virtual_size=size, read_only=read_only,
                   nosuid=nosuid, noexec=noexec, header=header, origin=origin, base=base,
-                  lineage=lineage)
+                  lineage=lineage, file_id=(st.st_dev, st.st_ino))
 
 
-def build_overlay(name: str, final: Path, base: ExportSpec, *, nosuid: bool = False,
+def build_overlay(name: str, final: Path, base: ExportSpec, size: int, *, nosuid: bool = True,
                   noexec: bool = False) -> Volume:
-    """A qcow2 overlay over `base` (-F with the base's pinned format, always)."""
+    """A qcow2 overlay of `size` bytes over `base` (-F with the base's pinned format, always;
+    the base file is not opened)."""
     with building(final) as partial:
-        qemu_img.create(partial, "qcow2", backing=Path(base.path), backing_fmt=base.fmt)
+        qemu_img.create(partial, "qcow2", size, backing=Path(base.path), backing_fmt=base.fmt)
     try:
         lineage = {"layers": chain_layers(base), "source": base.name,
                    "params": {"backing_format": base.fmt}}
@@ -137,14 +146,17 @@ def build_overlay(name: str, final: Path, base: ExportSpec, *, nosuid: bool = Fa
 
 
 def build_copy(name: str, final: Path, source: ExportSpec, fmt: str, *,
-               progress: Progress | None = None, cancel: threading.Event | None = None) -> Volume:
+               progress: Progress | None = None, cancel: threading.Event | None = None,
+               nosuid: bool = True, noexec: bool = False) -> Volume:
     """A full, independent copy of `source` (its whole chain flattened) in format `fmt`."""
-    with building(final) as partial:
-        qemu_img.convert(layer_tree(source), partial, fmt, progress=progress, cancel=cancel)
+    with building(final) as partial, imagefile.pinned(chain_files(source)) as files:
+        qemu_img.convert(layer_tree(source, files), partial, fmt, progress=progress,
+                         cancel=cancel)
     try:
         lineage = {"layers": chain_layers(source), "source": source.name,
                    "params": {"format": fmt}}
-        return registered(name, final, fmt, origin="copy", lineage=lineage)
+        return registered(name, final, fmt, origin="copy", lineage=lineage, nosuid=nosuid,
+                          noexec=noexec)
     except BaseException:
         final.unlink(missing_ok=True)
         raise
@@ -207,7 +219,8 @@ def check_blank(size: int, fmt: str, fs: str, label: str | None) -> None:
 def build_blank(name: str, final: Path, size: int, fmt: str, fs: str, *,
                 label: str | None = None, partitioned: bool = False,
                 progress: Progress | None = None,
-                cancel: threading.Event | None = None) -> Volume:
+                cancel: threading.Event | None = None, nosuid: bool = True,
+                noexec: bool = False) -> Volume:
     check_blank(size, fmt, fs, label)
     scratch = _scratch(final, "work")
     try:
@@ -221,41 +234,72 @@ def build_blank(name: str, final: Path, size: int, fmt: str, fs: str, *,
                    "params": {"size": size, "format": fmt, "mkfs": fs, "label": label,
                               "partitioned": partitioned,
                               "partition_start": mkfs.GPT_START if partitioned else None}}
-        return registered(name, final, fmt, origin="blank", lineage=lineage)
+        return registered(name, final, fmt, origin="blank", lineage=lineage, nosuid=nosuid,
+                          noexec=noexec)
     except BaseException:
         final.unlink(missing_ok=True)
         raise
 
 
+def _image_from_filesystem(partial: Path, scratch: Path, fs_file: Path, size: int, fmt: str,
+                           partitioned: bool, progress: Progress,
+                           cancel: threading.Event | None) -> None:
+    """The volume image around the finished filesystem `fs_file` (in `scratch`): the file itself,
+    or placed in a GPT partition at 1 MiB, then converted to qcow2 if asked."""
+    if not partitioned and fmt == "raw":
+        os.rename(fs_file, partial)
+        progress(100.0)
+        return
+    raw = fs_file
+    if partitioned:
+        raw = scratch / "disk.raw" if fmt == "qcow2" else partial
+        with open(raw, "wb") as f:
+            f.truncate(size)
+        mkfs.gpt_one_partition(raw, size - mkfs.GPT_START - mkfs.GPT_TAIL)
+        _copy_sparse(fs_file, raw, mkfs.GPT_START, cancel)
+        fs_file.unlink()
+        progress(50.0)
+    if fmt == "qcow2":
+        start = 50.0 if partitioned else 0.0
+        qemu_img.convert(qemu_img.layer(str(raw), "raw"), partial, "qcow2",
+                         progress=lambda p: progress(start + (100.0 - start) * p / 100.0),
+                         cancel=cancel)
+    progress(100.0)
+
+
 def build_import(name: str, final: Path, source: Path, size: int, fmt: str, *,
                  label: str | None = None, partitioned: bool = False,
                  progress: Progress | None = None,
-                 cancel: threading.Event | None = None) -> Volume:
-    """An ext4 rootfs made from a tarball with `mkfs.ext4 -d` (nothing is mounted)."""
+                 cancel: threading.Event | None = None,
+                 max_members: int = tarball.MAX_MEMBERS) -> Volume:
+    """An ext4 rootfs made from a tarball with `mkfs.ext4 -d` (nothing is mounted). Extraction
+    and mkfs run in an unprivileged user namespace (gateway.import_worker), never as root on the
+    host; the tarball may hold at most `size` bytes (see gateway.tarball) and `max_members`."""
+
     check_blank(size, fmt, "ext4", label)
+    fs_size = size - mkfs.GPT_START - mkfs.GPT_TAIL if partitioned else size
+
+    def scaled(low: float, high: float) -> Progress:
+        def report(p: float) -> None:
+            if progress:
+                progress(low + (high - low) * p / 100.0)
+        return report
+
     scratch = _scratch(final, "work")
     try:
-        tree = scratch / "tree"
-        tree.mkdir(mode=0o700)
-
-        def extracting(p: float) -> None:
-            if progress:
-                progress(p * 0.6)
-
-        extracted = tarball.extract(source, tree, scratch, progress=extracting, cancel=cancel)
-
-        def building_fs(p: float) -> None:
-            if progress:
-                progress(60.0 + p * 0.4)
+        built = import_worker.build_filesystem(
+            source, scratch, fs_size, import_worker.Options(size, max_members, label),
+            progress=scaled(0.0, 60.0), cancel=cancel)
         with building(final) as partial:
-            filesystem_image(partial, scratch, size, "ext4", fmt, partitioned, label, tree,
-                              building_fs, cancel)
+            _image_from_filesystem(partial, scratch, scratch / import_worker.FS_FILE, size, fmt,
+                                   partitioned, scaled(60.0, 100.0), cancel)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     try:
         lineage = {"layers": [], "source": str(source),
                    "params": {"size": size, "format": fmt, "mkfs": "ext4", "label": label,
-                              "partitioned": partitioned, "bytes": extracted}}
+                              "partitioned": partitioned, "bytes": built.data_bytes,
+                              "members": built.members}}
         return registered(name, final, fmt, origin="import", lineage=lineage)
     except BaseException:
         final.unlink(missing_ok=True)

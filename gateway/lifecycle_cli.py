@@ -76,14 +76,15 @@ def _done(ns: argparse.Namespace, answer: dict[str, Any]) -> int:
 def cmd_create(ns: argparse.Namespace) -> int:
     args = {"name": ns.name, "from": ns.source, "overlay": ns.overlay, "copy": ns.copy,
             "format": ns.format, "size": ns.size, "mkfs": ns.mkfs, "label": ns.label,
-            "partitioned": ns.partitioned, "nosuid": ns.nosuid, "noexec": ns.noexec}
+            "partitioned": ns.partitioned, "setuid": ns.setuid, "noexec": ns.noexec}
     return _done(ns, _call(ns, "volume-create", args))
 
 
 def cmd_import(ns: argparse.Namespace) -> int:
     import os
     args = {"name": ns.name, "tarball": os.path.abspath(ns.tarball), "size": ns.size,
-            "format": ns.format, "label": ns.label, "partitioned": ns.partitioned}
+            "format": ns.format, "label": ns.label, "partitioned": ns.partitioned,
+            "setuid": ns.setuid, "noexec": ns.noexec}
     return _done(ns, _call(ns, "volume-import", args))
 
 
@@ -111,6 +112,7 @@ def cmd_job(ns: argparse.Namespace) -> int:
 
 
 def register(top: Any, groups: dict[str, Any]) -> None:
+    from gateway.ctl import add_mount_flags
     volume = groups["volume"]
     p = volume.add_parser(
         "create", help="make a volume: --from BASE --overlay|--copy, or blank with --mkfs")
@@ -127,8 +129,7 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--label", help="filesystem label")
     p.add_argument("--partitioned", action="store_true",
                    help="put the filesystem in a GPT partition at 1 MiB")
-    p.add_argument("--nosuid", action="store_true", help="mount the rootfs nosuid")
-    p.add_argument("--noexec", action="store_true", help="mount the rootfs noexec")
+    add_mount_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_create)
 
@@ -141,6 +142,7 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--label", help="filesystem label")
     p.add_argument("--partitioned", action="store_true",
                    help="put the filesystem in a GPT partition at 1 MiB")
+    add_mount_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_import)
 

@@ -13,6 +13,7 @@ event, which kills qemu-img and stops extraction, and the partial files are remo
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -29,13 +30,15 @@ from gateway.catalog import Volume
 from gateway.errors import (
     AlreadyExists,
     Conflict,
+    FormatError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     first_gateway_error,
 )
 from gateway.exports import chain_spec
 from gateway.log import fields
-from gateway.service import Gateway, arg_bool, op
+from gateway.service import Gateway, MountFlags, arg_bool, mount_flags, op
 
 log = logging.getLogger("gateway.lifecycle")
 MAX_FINISHED_JOBS = 100
@@ -126,7 +129,9 @@ def start_job(gw: Gateway, kind: str, name: str, build: Build) -> dict[str, Any]
                     finally:
                         cancel.set()
                 nursery.start_soon(watch_cancel)
-                volume = await trio.to_thread.run_sync(build, progress, cancel)
+                # Jobs have their own few worker threads: mounts never wait behind them.
+                volume = await trio.to_thread.run_sync(build, progress, cancel,
+                                                       limiter=gw.job_limiter)
                 nursery.cancel_scope.cancel()
             async with gw.lock(name):
                 job.result = await _register(gw, volume)
@@ -152,8 +157,8 @@ def start_job(gw: Gateway, kind: str, name: str, build: Build) -> dict[str, Any]
     return job.to_json()
 
 
-async def _create_overlay(gw: Gateway, name: str, base_name: str, nosuid: bool,
-                          noexec: bool) -> dict[str, Any]:
+async def _create_overlay(gw: Gateway, name: str, base_name: str,
+                          flags: MountFlags) -> dict[str, Any]:
     async with gw.lock(base_name):
         base = gw.catalog.volume(base_name)
         await gw.exports.retire(base_name)
@@ -164,7 +169,7 @@ async def _create_overlay(gw: Gateway, name: str, base_name: str, nosuid: bool,
         spec = chain_spec(gw.catalog, base, top=False)
         final = lifecycle.new_image_path(gw.settings.state_dir, name, "qcow2")
         volume = await trio.to_thread.run_sync(lambda: lifecycle.build_overlay(
-            name, final, spec, nosuid=nosuid, noexec=noexec))
+            name, final, spec, base.virtual_size, **flags))
         if not base.read_only:
             # The base stays read-only while overlays use it; volume rm of its last overlay
             # gives its writability back.
@@ -204,7 +209,7 @@ def _str(args: dict[str, Any], key: str, *, required: bool = False) -> str | Non
 async def volume_create(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     name = volumes.check_name(args.get("name"))
     source = _str(args, "from")
-    nosuid, noexec = arg_bool(args, "nosuid"), arg_bool(args, "noexec")
+    flags = mount_flags(args)
     if source is not None:
         source = volumes.check_name(source)
         overlay, copy = arg_bool(args, "overlay"), arg_bool(args, "copy")
@@ -219,26 +224,26 @@ async def volume_create(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
                 raise InvalidArgument("an overlay is always qcow2")
             _reserve(gw, name)
             try:
-                return {"volume": await _create_overlay(gw, name, source, nosuid, noexec)}
+                return {"volume": await _create_overlay(gw, name, source, flags)}
             finally:
                 RESERVED.discard(name)
         _reserve(gw, name)
         try:
             fmt = volumes.check_format(args.get("format") or gw.catalog.volume(source).format)
-            base = gw.catalog.volume(source)
             async with gw.lock(source):
+                base = gw.catalog.volume(source)
                 await gw.exports.retire(source)
-            spec = chain_spec(gw.catalog, base, top=False)
-            if not base.read_only and (source in gw.catalog.exported()
-                                       or gw.catalog.attachment(source) is not None):
-                raise Conflict(f"volume {source} is exported or mounted writable; umount and "
-                               "unexport it before copying")
+                spec = chain_spec(gw.catalog, base, top=False)
+                if not base.read_only and (source in gw.catalog.exported()
+                                           or gw.catalog.attachment(source) is not None):
+                    raise Conflict(f"volume {source} is exported or mounted writable; umount "
+                                   "and unexport it before copying")
             final = lifecycle.new_image_path(gw.settings.state_dir, name, fmt)
         except BaseException:
             RESERVED.discard(name)
             raise
         return start_job(gw, "copy", name, lambda progress, cancel: lifecycle.build_copy(
-            name, final, spec, fmt, progress=progress, cancel=cancel))
+            name, final, spec, fmt, progress=progress, cancel=cancel, **flags))
     size = lifecycle.parse_size(args.get("size"))
     fmt = volumes.check_format(args.get("format"))
     fs = _str(args, "mkfs", required=True)
@@ -249,24 +254,34 @@ async def volume_create(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     final = _reserve_image(gw, name, fmt)
     return start_job(gw, "blank", name, lambda progress, cancel: lifecycle.build_blank(
         name, final, size, fmt, fs, label=label, partitioned=partitioned, progress=progress,
-        cancel=cancel))
+        cancel=cancel, **flags))
 
 
 @op("volume-import")
 async def volume_import(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     name = volumes.check_name(args.get("name"))
-    source = volumes.resolve_image_path(args.get("tarball"), gw.settings.allowed_roots)
-    if not source.is_file():
-        raise NotFound(f"{args.get('tarball')}: no such file")
+    tarball = args.get("tarball")
+
+    def find() -> Path:  # path walks never run on the trio thread (it serves the block view)
+        found = volumes.resolve_image_path(tarball, gw.settings.allowed_roots, gw.own_dirs)
+        if not found.is_file():
+            raise NotFound(f"{tarball}: no such file")
+        return found
+    source = await trio.to_thread.run_sync(find)
     size = lifecycle.parse_size(args.get("size"))
     fmt = volumes.check_format(args.get("format") or "raw")
     label = _str(args, "label")
     partitioned = arg_bool(args, "partitioned")
     lifecycle.check_blank(size, fmt, "ext4", label)
     final = _reserve_image(gw, name, fmt)
-    return start_job(gw, "import", name, lambda progress, cancel: lifecycle.build_import(
-        name, final, source, size, fmt, label=label, partitioned=partitioned, progress=progress,
-        cancel=cancel))
+    flags = mount_flags(args)
+
+    def build(progress: Callable[[float], None], cancel: threading.Event) -> Volume:
+        volume = lifecycle.build_import(name, final, source, size, fmt, label=label,
+                                        partitioned=partitioned, progress=progress,
+                                        cancel=cancel)
+        return dataclasses.replace(volume, **flags)
+    return start_job(gw, "import", name, build)
 
 
 @op("job-status")
@@ -321,7 +336,7 @@ async def _grow_filesystem(gw: Gateway, name: str) -> dict[str, Any]:
 async def volume_resize(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     """Grow a volume's image (qemu-img resize -f PINNED) and then its filesystem: ext4 offline
     through the block view; xfs online (mounted by the gateway for xfs_growfs)."""
-    from gateway import mkfs, qemu_img
+    from gateway import imagefile, mkfs, qemu_img
     name = volumes.check_name(args.get("name"))
     size = lifecycle.parse_size(args.get("size"))
     async with gw.lock(name):
@@ -337,8 +352,10 @@ async def volume_resize(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
         if gw.catalog.attachment(name) is not None or name in gw.catalog.exported():
             raise Conflict(f"volume {name} is mounted or exported; umount and unexport it first")
         if size > volume.virtual_size:  # equal: only grow the filesystem (a retry)
-            await trio.to_thread.run_sync(qemu_img.resize, Path(volume.path), volume.format,
-                                          size)
+            def grow() -> None:
+                with imagefile.pinned([(volume.path, volume.file_id)]) as [path]:
+                    qemu_img.resize(path, volume.format, size)
+            await trio.to_thread.run_sync(grow)
             lineage = {**volume.lineage, "resized": [*volume.lineage.get("resized", []), size]}
             gw.catalog.update_volume(name, virtual_size=size, lineage=lineage)
         grown = await _grow_filesystem(gw, name)
@@ -358,25 +375,38 @@ async def volume_resize(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
 
 @op("volume-add-pool")
 async def volume_add_pool(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
-    """`volume add` for a libvirt pool volume: path and pinned format come from libvirt."""
-    import dataclasses
-
+    """`volume add` for a libvirt pool volume: the path comes from libvirt; the format is the
+    admin's, and must agree with what the pool says (dir pools probe formats: never trusted
+    alone). The libvirt connection is gatewayd's own: a request cannot name a URI (a URI's
+    transport can run a program as root)."""
     from gateway import pools
     from gateway.lxc.connection import DEFAULT_URI
     name = volumes.check_name(args.get("name"))
+    if "uri" in args:
+        raise PermissionDenied("a request cannot name a libvirt URI; gatewayd uses its own "
+                               "(--libvirt-uri)")
     pool = _str(args, "pool", required=True)
     vol = _str(args, "vol", required=True)
-    uri = _str(args, "uri") or gw.libvirt_uri or DEFAULT_URI
+    declared = _str(args, "format")
+    if declared is None:
+        raise InvalidArgument("--format is required for a pool volume (libvirt's dir pools "
+                              "guess formats; the gateway pins only what the admin declares)")
+    declared = volumes.check_format(declared)
+    flags = mount_flags(args)
+    fstype = volumes.check_fstype(args.get("fstype"))
+    uri = pools.check_uri(gw.libvirt_uri or DEFAULT_URI)
     assert pool is not None and vol is not None
     async with gw.lock(name):
         found = await trio.to_thread.run_sync(pools.resolve, uri, pool, vol)
+        if found.format != declared:
+            raise FormatError(f"pool {pool} volume {vol}: libvirt says {found.format}, the "
+                              f"admin declared {declared}; refusing to pin either")
         checked = await trio.to_thread.run_sync(lambda: volumes.examine(
-            name, found.path, found.format, read_only=arg_bool(args, "read_only"),
-            nosuid=arg_bool(args, "nosuid"), noexec=arg_bool(args, "noexec"),
-            allowed_roots=gw.settings.allowed_roots))
+            name, found.path, declared, read_only=arg_bool(args, "read_only"), fstype=fstype,
+            allowed_roots=gw.settings.allowed_roots, forbidden=gw.own_dirs, **flags))
         volume = dataclasses.replace(checked, origin="pool", lineage={
-            "layers": [], "source": found.to_json(), "params": {"format": found.format}})
+            "layers": [], "source": found.to_json(), "params": {"format": declared}})
         gw.catalog.add_volume(volume)
     log.info("pool volume added", extra=fields(volume=name, pool=pool, vol=vol,
-                                               format=found.format))
+                                               format=declared))
     return gw.volume_json(name)

@@ -73,9 +73,10 @@ def preen_ext(target: Path, *, force: bool = False, repair: bool = False,
               timeout: float = 1800.0) -> int:
     """`e2fsck -p`: replays the journal and fixes what is safe to fix unattended; `force` checks
     a filesystem marked clean too; `repair` (-f -y) fixes everything, as a boot with
-    fsck.repair=yes would. Returns e2fsck's exit code (0 clean, 1 or 2 corrected)."""
+    fsck.repair=yes would. Returns e2fsck's exit code (0 clean, 1 or 2 corrected).
+    It parses tenant bytes, so it runs without any capability (uid 0 still owns the file)."""
     mode = ["-f", "-y"] if repair else ["-p", *(["-f"] if force else [])]
-    argv = ["e2fsck", *mode, os.fspath(target)]
+    argv = [*command.WITHOUT_CAPABILITIES, "e2fsck", *mode, os.fspath(target)]
     result = command.run(argv, timeout=timeout, check=False, error=MkfsError)
     if result.returncode not in (0, 1, 2):  # 2: corrected, "reboot" (meaningless here)
         raise MkfsError(f"e2fsck found errors it cannot fix unattended on {target} (exit "
@@ -86,7 +87,8 @@ def preen_ext(target: Path, *, force: bool = False, repair: bool = False,
 def resize_ext4(target: Path, timeout: float = 1800.0) -> None:
     """Offline ext4 grow: a forced check first (resize2fs insists), then resize to fill."""
     preen_ext(target, force=True, timeout=timeout)
-    command.run(["resize2fs", target], timeout=timeout, error=MkfsError)
+    command.run([*command.WITHOUT_CAPABILITIES, "resize2fs", target], timeout=timeout,
+                error=MkfsError)
 
 
 def grow_xfs(mountpoint: Path) -> None:

@@ -3,17 +3,30 @@
 `resolve(uri, pool, vol)` looks the volume up through libvirt-python
 (`pool.storageVolLookupByName(vol).path()`) and takes the format from the volume's XML
 (`<target><format type='qcow2'/></target>`). A volume whose XML names no format, or a format other
-than raw or qcow2, is refused. Blocking: call from a worker thread.
+than raw or qcow2, is refused. libvirt's dir pools fill that XML by probing the file, so the
+gateway pins a pool volume's format only when the admin declares the same one. The connection is
+gatewayd's own URI, and only a plain local one (`check_uri`). Blocking: call from a worker thread.
 """
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from gateway.errors import FormatError, InvalidArgument
+from gateway.errors import FormatError, InvalidArgument, PermissionDenied
 
 POOL_FORMATS = ("raw", "qcow2")
+# A local libvirt URI with no transport (`lxc+ext://...?command=` runs a program), no host and no
+# query: lxc:///, qemu:///system, ...
+LOCAL_URI = re.compile(r"[a-z]+:///[a-z]*")
+
+
+def check_uri(uri: str) -> str:
+    if not LOCAL_URI.fullmatch(uri):
+        raise PermissionDenied(f"libvirt URI {uri!r} is not a plain local URI (no transport, "
+                               "host or query allowed for storage pools)")
+    return uri
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ def resolve(uri: str, pool: str, vol: str) -> PoolVolume:
     from gateway.lxc.connection import close_quietly, connect, libvirt_errors
     if not pool or not vol:
         raise InvalidArgument("--pool and --vol are both required")
+    check_uri(uri)
     what = f"pool {pool} volume {vol}"
     conn = connect(uri)
     try:

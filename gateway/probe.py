@@ -30,6 +30,8 @@ except ImportError as exc:  # pragma: no cover - only when `make native` was not
 
 TABLES = {0: "none", 1: "mbr", 2: "gpt"}
 MOUNTABLE = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "squashfs", "vfat"})
+# The C core's suffix for an ext3/ext4 whose journal lives on another device ("ext4" + this).
+EXTERNAL_JOURNAL = "-external-journal"
 _MAX_REQUESTS = 512
 
 JsonDict = dict[str, Any]
@@ -179,6 +181,11 @@ def select_rootfs(layout: DiskLayout) -> Rootfs:
                              f"disk has {layout.disk_size})")
     if fs is None:
         raise ProbeError(f"{where}: no filesystem found")
+    if fs.endswith(EXTERNAL_JOURNAL):
+        # Mounting it would have the host kernel open a host block device as its journal.
+        raise ProbeError(f"{where}: {fs.removesuffix(EXTERNAL_JOURNAL)} with an external journal "
+                         f"is refused; give it an internal one (tune2fs -f -O ^has_journal, "
+                         f"then tune2fs -j)")
     if fs not in MOUNTABLE:
         raise ProbeError(f"{where}: {fs} is not a mountable rootfs")
     return Rootfs(number=number, start=start, size=size, fs=fs)

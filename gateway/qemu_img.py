@@ -37,20 +37,26 @@ def _fmt(fmt: str) -> str:
 
 def create(path: Path, fmt: str, size: int | None = None, *, backing: Path | None = None,
            backing_fmt: str | None = None) -> None:
-    """Create an image; an overlay names its backing file with its pinned format (-F always)."""
+    """Create an image; an overlay names its backing file with its pinned format (-F always) and
+    its size, and qemu-img never opens the backing file (-u): the name is only written into the
+    header, and the gateway opens every layer itself, explicitly, when it serves the chain."""
     argv: list[str | os.PathLike[str]] = [QEMU_IMG, "create", "-q", "-f", _fmt(fmt)]
     if backing is not None:
-        if backing_fmt is None:
-            raise InvalidArgument("an overlay needs the backing file's format")
-        argv += ["-F", _fmt(backing_fmt), "-b", str(backing)]
+        if backing_fmt is None or size is None:
+            raise InvalidArgument("an overlay needs the backing file's format and size")
+        argv += ["-u", "-F", _fmt(backing_fmt), "-b", str(backing)]
     argv.append(path)
     if size is not None:
         argv.append(str(size))
     command.run(argv, error=QemuImgError)
 
 
-def resize(path: Path, fmt: str, size: int) -> None:
-    command.run([QEMU_IMG, "resize", "-q", "-f", _fmt(fmt), path, str(size)], error=QemuImgError)
+def resize(path: str, fmt: str, size: int) -> None:
+    """Grow one layer: an explicit tree (pinned driver, no backing opened), never `-f FMT PATH`,
+    which would open the backing file an overlay's header names."""
+    tree = layer(path, fmt, None, read_only=False)
+    command.run([QEMU_IMG, "resize", "-q", "json:" + json.dumps(tree, separators=(",", ":")),
+                 str(size)], error=QemuImgError)
 
 
 def info(path: Path, fmt: str) -> dict[str, object]:
@@ -62,10 +68,11 @@ def info(path: Path, fmt: str) -> dict[str, object]:
     return value
 
 
-def layer(path: str, fmt: str, backing: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A read-only source image as an explicit block tree: the pinned format driver over a file
-    node, and for qcow2 the backing layer given explicitly (None -> no backing at all)."""
-    tree: dict[str, Any] = {"driver": _fmt(fmt), "read-only": True,
+def layer(path: str, fmt: str, backing: dict[str, Any] | None = None, *,
+          read_only: bool = True) -> dict[str, Any]:
+    """A source image as an explicit block tree: the pinned format driver over a file node, and
+    for qcow2 the backing layer given explicitly (None -> no backing at all)."""
+    tree: dict[str, Any] = {"driver": _fmt(fmt), "read-only": read_only,
                             "file": {"driver": "file", "filename": path}}
     if fmt == "qcow2":
         tree["backing"] = backing

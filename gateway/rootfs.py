@@ -115,10 +115,16 @@ class RootfsManager:
             record = self.catalog.attachment(name)
             rootfs = str(self.layout.rootfs(name))
             if record is not None and record.state == "mounted":
-                if record.mode != mode:
-                    raise InvalidArgument(f"volume {name} is already mounted in {record.mode} "
-                                          f"mode; umount it first")
-                return {"name": name, "rootfs": record.rootfs, "mode": record.mode}
+                if await self._still_mounted(name, record.mode, record.steps):
+                    if record.mode != mode:
+                        raise InvalidArgument(f"volume {name} is already mounted in "
+                                              f"{record.mode} mode; umount it first")
+                    return {"name": name, "rootfs": record.rootfs, "mode": record.mode}
+                # Unmounted behind our back (or never ours): never hand out an empty directory.
+                log.warning("a mounted volume's rootfs is gone; mounting it afresh",
+                            extra=fields(volume=name, mode=record.mode, rootfs=rootfs))
+                await self._teardown(name, force=True)
+                record = None
             if record is not None:
                 await self._teardown(name, force=False)
             if mode == "fuse" and volume.fstype and volume.fstype not in FUSE_FSTYPES:
@@ -314,13 +320,15 @@ class RootfsManager:
 
     async def release_host_view(self, name: str) -> None:
         """nova's clean_lxc_namespace: drop the host's bind at RUN_DIR/rootfs/VOL once the
-        container runs; the container keeps its own copy of the mount."""
+        container runs, and the private kernel mount at RUN_DIR/mnt/VOL behind it; the container
+        keeps its own copy of the mount, and with it the filesystem."""
         from gateway.lxc.hostview import release_host_view
         async with self.locks(name):
-            path = self.layout.rootfs(name)
-            released = await trio.to_thread.run_sync(lambda: release_host_view(path))
-            self.catalog.journal(name, "host-view-released", {"path": str(path),
-                                                              "released": released})
+            paths = (self.layout.rootfs(name), self.layout.mnt(name))
+            released = await trio.to_thread.run_sync(
+                lambda: [release_host_view(p) for p in paths])
+            self.catalog.journal(name, "host-view-released", {
+                "paths": [str(p) for p in paths], "released": released})
 
     async def unmount_all(self) -> None:
         for name in list(self.active):
@@ -334,6 +342,47 @@ class RootfsManager:
                 except GatewayError as exc2:
                     log.error("forced umount failed", extra=fields(volume=name,
                                                                    error=exc2.message))
+
+    async def _still_mounted(self, name: str, mode: str, steps: tuple[JournalStep, ...]) -> bool:
+        """Whether a "mounted" record still holds: RUN_DIR/rootfs/NAME is, on top, the mount
+        this gatewayd made there (fuse: a fuse2fs mount while our handle's process lives; bind:
+        a mount of the attachment's loop device). Once the host view was released (a running
+        container keeps its own copy) only the backend is checked: our fuse2fs lives, or the
+        loop device still serves the volume's window. Reads mountinfo in a worker thread."""
+        from gateway import fuse2fs, loopdev, mounts
+        att = self.active.get(name)
+        if att is None or att.mode != mode:
+            return False
+        released = False
+        for step, detail in steps:
+            if step == "host-view-released":
+                flag = detail.get("released")
+                released = any(flag) if isinstance(flag, list) else bool(flag)
+        target, mnt = self.layout.rootfs(name), self.layout.mnt(name)
+        window = str(self.layout.window(name))
+
+        def check() -> bool:
+            if att.mode == attachment.FUSE:
+                if att.fuse is None or not att.fuse.alive():
+                    return False
+            elif released:
+                return att.loop is not None and loopdev.backing_file(att.loop) == window
+            if released:
+                return True
+            here = mounts.mounts_at(target)
+            below = {m.parent_id for m in here}
+            top = [m for m in here if m.mount_id not in below]
+            if len(top) != 1:
+                return False
+            if att.mode == attachment.FUSE:
+                return (top[0].fstype.startswith("fuse")
+                        and top[0].source.startswith(fuse2fs.FSNAME_PREFIX))
+            device = att.loop
+            if device is None:  # a device handed to attach_bind (the kernel NBD seam)
+                device = next((m.source for m in mounts.mounts_at(mnt)), None)
+            return device is not None and top[0].source == device
+
+        return await trio.to_thread.run_sync(check)
 
 
 def reconcile_all(run_dir: Path, journals: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -1,7 +1,15 @@
-"""The trio adapter for the admin protocol: a Unix socket, peer checks, one task a connection."""
+"""The trio adapter for the admin protocol: a Unix socket, peer checks, one task a connection.
+
+Running out of file descriptors (or memory) must not take gatewayd down, since every mount
+depends on it: accept errors are logged once per burst and retried with a growing back-off, and
+non-root peers may hold at most MAX_CONNECTIONS_PER_UID connections each. A connection over the
+cap gets a too-many-connections answer to its first request; past MAX_REFUSALS_PER_UID more, it
+is closed at once. Root is not capped (only the back-off protects it).
+"""
 
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
@@ -14,7 +22,7 @@ from typing import Any
 
 import trio
 
-from gateway.errors import GatewayError, PermissionDenied
+from gateway.errors import GatewayError, PermissionDenied, TooManyConnections
 from gateway.log import fields
 from gateway.protocol import (
     NEED_DATA,
@@ -26,6 +34,14 @@ from gateway.protocol import (
 )
 
 log = logging.getLogger("gateway.admin")
+
+MAX_CONNECTIONS_PER_UID = 32
+MAX_REFUSALS_PER_UID = 8  # answered refusals in flight per uid; beyond them, closed unanswered
+ACCEPT_BACKOFF_MIN = 0.01  # seconds; doubles while accept keeps failing
+ACCEPT_BACKOFF_MAX = 1.0
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between two logs of a refused uid
+# The pending connection went away before accept took it: take the next one at once.
+ACCEPT_RETRY_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO})
 
 
 @dataclass(frozen=True)
@@ -77,11 +93,35 @@ class AccessPolicy:
         raise PermissionDenied(f"uid {peer.uid} may not use the admin socket (allowed: {allowed})")
 
 
+class RateLimit:
+    """At most one log line per `interval` seconds per key; counts what it held back."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[object, float] = {}
+        self._held: dict[object, int] = {}
+
+    def ready(self, key: object) -> int | None:
+        """None while `key` must stay quiet, else how many were held back since its last log."""
+        now = trio.current_time()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        if len(self._last) > 1024:  # forget old keys: many uids must not grow this forever
+            self._last = {k: t for k, t in self._last.items() if now - t < self.interval}
+            self._held = {k: n for k, n in self._held.items() if k in self._last}
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+
 class AdminServer:
     def __init__(self, path: Path, handler: Handler, policy: AccessPolicy) -> None:
         self.path = path
         self.handler = handler
         self.policy = policy
+        self.connections: dict[int, int] = {}  # non-root uid -> open connections
+        self._refusal_log = RateLimit(REFUSAL_LOG_INTERVAL)
 
     def _bind(self) -> trio.socket.SocketType:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,9 +150,7 @@ class AdminServer:
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
-                while True:
-                    conn, _ = await sock.accept()
-                    nursery.start_soon(self._serve, conn)
+                await self._accept_loop(sock, nursery)
         finally:
             sock.close()
             try:
@@ -120,17 +158,74 @@ class AdminServer:
             except FileNotFoundError:
                 pass
 
+    async def _accept_loop(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        """Accept forever. Failures (EMFILE, ENFILE, ENOBUFS, ENOMEM, ...) never end the loop:
+        the first of a burst is logged, and accept is retried after a back-off that grows from
+        ACCEPT_BACKOFF_MIN to ACCEPT_BACKOFF_MAX; the first success logs how many failed."""
+        delay = 0.0
+        failures = 0
+        while True:
+            try:
+                conn, _ = await sock.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_RETRY_ERRNOS:
+                    log.debug("admin peer left before accept",
+                              extra=fields(error=exc.strerror))
+                    continue
+                if failures == 0:
+                    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                    log.warning("admin accept failed; backing off",
+                                extra=fields(errno=name, error=exc.strerror))
+                failures += 1
+                delay = min(ACCEPT_BACKOFF_MAX, delay * 2 if delay else ACCEPT_BACKOFF_MIN)
+                await trio.sleep(delay)
+                continue
+            if failures:
+                log.warning("admin accept works again", extra=fields(failures=failures))
+                failures, delay = 0, 0.0
+            nursery.start_soon(self._serve, conn)
+
+    def _admit(self, peer: Peer) -> GatewayError | None:
+        """Count the connection (non-root peers), then None to serve it, or the refusal."""
+        if peer.uid == 0:
+            return None
+        count = self.connections.get(peer.uid, 0) + 1
+        self.connections[peer.uid] = count
+        try:
+            self.policy.check(peer)
+        except PermissionDenied as exc:
+            return exc
+        if count <= MAX_CONNECTIONS_PER_UID:
+            return None
+        return TooManyConnections(f"uid {peer.uid} has too many admin connections open "
+                                  f"(at most {MAX_CONNECTIONS_PER_UID}); close some and retry")
+
+    def _release(self, peer: Peer) -> None:
+        count = self.connections.get(peer.uid, 0) - 1
+        if count > 0:
+            self.connections[peer.uid] = count
+        else:
+            self.connections.pop(peer.uid, None)
+
     async def _serve(self, sock: trio.socket.SocketType) -> None:
         stream = trio.SocketStream(sock)
         proto = ServerConnection()
+        peer: Peer | None = None
         try:
             peer = peer_of(sock)
-            try:
-                self.policy.check(peer)
-            except PermissionDenied as exc:
-                log.warning("refused admin peer", extra=fields(uid=peer.uid, pid=peer.pid))
-                # The first request is answered with the refusal, then the connection closes.
-                await self._refuse(stream, proto, exc)
+            refusal = self._admit(peer)
+            if refusal is not None:
+                # Answered refusals hold an fd for a while: past a few, close unanswered.
+                answer = (self.connections.get(peer.uid, 0)
+                          <= MAX_CONNECTIONS_PER_UID + MAX_REFUSALS_PER_UID)
+                held = self._refusal_log.ready((refusal.code, peer.uid))
+                if held is not None:
+                    log.warning("refused admin peer",
+                                extra=fields(uid=peer.uid, pid=peer.pid, code=refusal.code,
+                                             answered=answer, held_back=held))
+                if answer:
+                    # The first request is answered with the refusal, then the connection closes.
+                    await self._refuse(stream, proto, refusal)
                 return
             await self._loop(stream, proto, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionResetError):
@@ -138,6 +233,8 @@ class AdminServer:
         except Exception:
             log.exception("admin connection failed")
         finally:
+            if peer is not None and peer.uid != 0:
+                self._release(peer)
             await stream.aclose()
 
     async def _refuse(self, stream: trio.SocketStream, proto: ServerConnection,

@@ -10,7 +10,8 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import trio
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.service")
 VERSION = "0.1.0"
+JOB_THREADS = 2
 
 Op = Callable[["Gateway", dict[str, Any]], Awaitable[Any]]
 OPS: dict[str, Op] = {}
@@ -49,6 +51,20 @@ def arg_bool(args: dict[str, Any], key: str) -> bool:
     return value
 
 
+class MountFlags(TypedDict):
+    nosuid: bool
+    noexec: bool
+
+
+def mount_flags(args: dict[str, Any]) -> MountFlags:
+    """nosuid and noexec of a volume being made: setuid binaries in it are honoured only when the
+    request says `setuid: true` (nosuid is the default, so `nosuid: true` changes nothing)."""
+    setuid = arg_bool(args, "setuid")
+    if setuid and arg_bool(args, "nosuid"):
+        raise InvalidArgument("setuid and nosuid contradict each other")
+    return {"nosuid": not setuid, "noexec": arg_bool(args, "noexec")}
+
+
 class Gateway:
     """The daemon's state: the catalog plus the running components (set by gateway.daemon)."""
 
@@ -66,6 +82,9 @@ class Gateway:
         self.domain_volumes: dict[str, str] = {}
         self.reconcile_report: dict[str, Any] = {}
         self.metrics: Metrics | None = None
+        # Worker threads for jobs (copies, imports, blank volumes): a few of their own, so
+        # that mounts, which use trio's default limiter, never wait behind them.
+        self.job_limiter = trio.CapacityLimiter(JOB_THREADS)
 
     @property
     def exports(self) -> Exports:
@@ -84,6 +103,14 @@ class Gateway:
         self.qsd = qsd
         self._exports = exports
         self._rootfs = rootfs
+
+    @property
+    def own_dirs(self) -> tuple[Path, ...]:
+        """The gateway's own paths: no image path may lie inside them (the run dir with the
+        block view and sockets, the images it made, the catalog)."""
+        catalog = self.settings.catalog_path
+        return (self.settings.run_dir, self.settings.state_dir / "volumes", catalog,
+                *(catalog.with_name(catalog.name + suffix) for suffix in ("-wal", "-shm")))
 
     def lock(self, name: str) -> trio.Lock:
         return self._locks.setdefault(name, trio.Lock())
@@ -141,19 +168,52 @@ async def status(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
         "qsd": qsd,
         "libvirt": {"uri": gw.libvirt_uri or None, "connected": gw.libvirt_connected},
         "reconcile": gw.reconcile_report,
+        "security": security_status(gw.settings),
     }
+
+
+def security_status(settings: Settings) -> dict[str, Any]:
+    """What the trust model is on this host (README, Security)."""
+    roots = [str(r) for r in settings.allowed_roots]
+    out: dict[str, Any] = {"allowed_roots": roots or None,
+                           "admin_group": settings.admin_group}
+    if not roots and settings.admin_group:
+        out["warning"] = (f"no --allowed-roots: members of {settings.admin_group} can register "
+                          "any host file as a volume and read or write it, which makes them "
+                          "root-equivalent")
+    return out
 
 
 @op("volume-add")
 async def volume_add(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     name = volumes.check_name(args.get("name"))
     async with gw.lock(name):
+        flags = mount_flags(args)
+        fstype = volumes.check_fstype(args.get("fstype"))
         volume = await trio.to_thread.run_sync(lambda: volumes.examine(
             name, args.get("path"), args.get("format"), read_only=arg_bool(args, "read_only"),
-            nosuid=arg_bool(args, "nosuid"), noexec=arg_bool(args, "noexec"),
-            allowed_roots=gw.settings.allowed_roots))
+            fstype=fstype, allowed_roots=gw.settings.allowed_roots, forbidden=gw.own_dirs,
+            **flags))
         gw.catalog.add_volume(volume)
     log.info("volume added", extra=fields(volume=name, format=volume.format, path=volume.path))
+    return gw.volume_json(name)
+
+
+@op("volume-set")
+async def volume_set(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+    """Change how a volume's rootfs is mounted from now on: `setuid` (honour setuid binaries)
+    and `noexec`; refused while it is mounted."""
+    name = volumes.check_name(args.get("name"))
+    nosuid = not arg_bool(args, "setuid") if "setuid" in args else None
+    noexec = arg_bool(args, "noexec") if "noexec" in args else None
+    if nosuid is None and noexec is None:
+        raise InvalidArgument("nothing to change: give setuid or noexec")
+    async with gw.lock(name):
+        gw.catalog.volume(name)
+        if gw.catalog.attachment(name) is not None:
+            raise Conflict(f"volume {name} is mounted; umount it first")
+        gw.catalog.update_volume(name, nosuid=nosuid, noexec=noexec)
+    log.info("volume changed", extra=fields(volume=name, nosuid=nosuid, noexec=noexec))
     return gw.volume_json(name)
 
 

@@ -71,7 +71,7 @@ def render_unit(gatewayd: str = DEFAULT_GATEWAYD, *, admin_group: str | None = N
         "RestartSec=2",
         "# Mounts are kept when gatewayd exits, so keep the runtime directory too.",
         "RuntimeDirectory=storage-gateway",
-        "RuntimeDirectoryMode=0755",
+        "RuntimeDirectoryMode=0711",
         "RuntimeDirectoryPreserve=yes",
         "StateDirectory=storage-gateway",
         "StateDirectoryMode=0700",

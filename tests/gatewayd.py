@@ -22,14 +22,15 @@ class Daemon:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    wrapper: list[str] = field(default_factory=list)  # e.g. prlimit ...; it must exec gatewayd
 
     @property
     def socket(self) -> Path:
         return self.run_dir / "admin.sock"
 
     def start(self, timeout: float = 30.0) -> None:
-        argv = [str(BIN / "gatewayd"), "--state-dir", str(self.state_dir), "--run-dir",
-                str(self.run_dir), "--log-level", "debug", *self.extra_args]
+        argv = [*self.wrapper, str(BIN / "gatewayd"), "--state-dir", str(self.state_dir),
+                "--run-dir", str(self.run_dir), "--log-level", "debug", *self.extra_args]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                      env={**os.environ, **self.env})

@@ -97,6 +97,11 @@ class Builder:
             self._fs[kind] = make_fs(self.fs_dir / f"{kind}.img", kind)
         return self._fs[kind]
 
+    def add_fs(self, kind: str, path: Path) -> Path:
+        """A filesystem image made elsewhere, for `disk(fills=...)` to copy under `kind`."""
+        self._fs[kind] = path
+        return path
+
     def add(self, case: Case) -> Case:
         self.cases[case.name] = case
         return case
@@ -160,7 +165,7 @@ def rewrite_gpt_header(path: Path, header_off: int, **fields: int) -> None:
 
 def ebr_chain(path: Path, ext_start: int) -> list[int]:
     """The sectors of an EBR chain, read the plain way (test helper, no loop protection needed)."""
-    out = []
+    out: list[int] = []
     with open(path, "rb") as f:
         ebr = ext_start
         while len(out) < 64:
@@ -242,6 +247,7 @@ def build_probe_images(root: Path) -> dict[str, Case]:
            {1: "ext4"}, table="gpt", sector_size=4096, rootfs=(1, "ext4"), crosscheck=False)
 
     _corrupt_cases(b)
+    _external_journal_cases(b)
     return b.cases
 
 
@@ -300,6 +306,52 @@ def _corrupt_cases(b: Builder) -> None:
     corrupt(p, 0, bytes(sector))
     b.add(Case("garbage-55aa-flags", p, "mbr",
                error="partition 1: runs past the end of the disk", crosscheck=False))
+
+
+def make_journal_dev(path: Path, size_mib: int = 4) -> Path:
+    """An external ext journal (mke2fs -O journal_dev), 4 KiB blocks."""
+    _sparse_file(path, size_mib * MIB)
+    sh("mke2fs", "-q", "-F", "-O", "journal_dev", "-b", "4096", path)
+    return path
+
+
+def make_ext_external_journal(path: Path, kind: str, *, crafted: bool = False,
+                              size_mib: int = 8) -> Path:
+    """An ext3/ext4 (`kind`) whose superblock puts its journal on another device.
+
+    By default the real thing: a journal device on a loop device, `mkfs.KIND -J device=/dev/loopN`,
+    then the loop is detached again (s_journal_dev keeps its number, s_journal_uuid its UUID).
+    `crafted`: an ordinary image whose superblock was rewritten (debugfs) to journal inode 0 and
+    a journal UUID, without a device number.
+    """
+    _sparse_file(path, size_mib * MIB)
+    if crafted:
+        sh("mkfs." + kind, "-q", "-F", "-b", "4096", path)
+        sh("debugfs", "-w", "-R", "ssv journal_inum 0", path)
+        sh("debugfs", "-w", "-R", "ssv journal_uuid 0b1e3c5d-7f00-4a11-9c22-33445566aa77", path)
+        return path
+    journal = make_journal_dev(path.with_suffix(".journal"))
+    loop = sh("losetup", "-f", "--show", journal).strip()
+    try:
+        sh("mkfs." + kind, "-q", "-F", "-b", "4096", "-J", f"device={loop}", path)
+    finally:
+        sh("losetup", "-d", loop)
+    return path
+
+
+def _external_journal_cases(b: Builder) -> None:
+    """Issue 14: a journal outside the image would make the host kernel open a host device."""
+    ext4 = b.add_fs("ext4-extjournal", make_ext_external_journal(
+        b.fs_dir / "ext4-extjournal.img", "ext4"))
+    b.add(Case("whole-ext4-extjournal", ext4, "none",
+               error="whole disk: ext4 with an external journal is refused"))
+    b.add(Case("whole-jbd", ext4.with_suffix(".journal"), "none",
+               error="whole disk: jbd is not a mountable rootfs"))
+    b.add_fs("ext3-extjournal-crafted", make_ext_external_journal(
+        b.fs_dir / "ext3-extjournal-crafted.img", "ext3", crafted=True))
+    b.disk("gpt-ext3-extjournal", 24, ["-n", "1:1M:+8M", "-n", "2:10M:+8M"],
+           {1: "ext3-extjournal-crafted", 10: "ext4"}, table="gpt",
+           error="partition 1: ext3 with an external journal is refused")
 
 
 def first_bytes(path: Path, length: int = 0x11000) -> bytes:

@@ -284,6 +284,7 @@ def test_release_host_view(gw: Daemon, image_set: ImageSet, tmp_path: Path) -> N
     ctl_json(gw, "domain", "start", name, "--volume", volume, "--release-host-view")
     host_path = gw.run_dir / "rootfs" / volume
     assert not mounts.is_mountpoint(host_path)  # the host no longer sees the rootfs
+    assert not mounts.is_mountpoint(gw.run_dir / "mnt" / volume)  # nor the kernel mount
     assert attachment(gw, volume)["state"] == "mounted"
     assert read_marker(name) == MARKER  # the container kept it
     proc = enter(name, "/bin/sh", "-c", "echo kept > /root/g; sync")

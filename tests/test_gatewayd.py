@@ -141,7 +141,7 @@ def test_usage_error_is_one_line(gatewayd: Daemon) -> None:
     half = gatewayd.ctl("volume", "add", "x")
     assert half.returncode == 1
     assert half.stderr.strip() == ("gatewayctl: PATH and --format raw|qcow2 are required "
-                                   "(or --pool POOL --vol VOL)")
+                                   "(or --pool POOL --vol VOL --format F)")
 
 
 def test_sigint_and_sigterm_shut_down_in_order(tmp_path: Path) -> None:

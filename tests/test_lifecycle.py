@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -154,6 +155,10 @@ def test_overlay_refusals_leave_nothing_behind(
     ov = created(gatewayd, "create", "ov", "--from", "base", "--overlay")
     assert ov["lineage"]["layers"][0]["format"] == "raw"  # type: ignore[index]
     err = one_line_error(gatewayd.ctl("volume", "add", "sneaky", str(ov["path"]),
+                                      "--format", "qcow2"))
+    assert "gateway's own directories" in err  # refused before its header is read
+    outside = shutil.copy(str(ov["path"]), tmp_path / "ov-copy.qcow2")
+    err = one_line_error(gatewayd.ctl("volume", "add", "sneaky", str(outside),
                                       "--format", "qcow2"))
     assert "backing" in err
     gatewayd.ctl("export", "base", check=True)

@@ -44,19 +44,26 @@ def test_pool_volumes_pin_their_format(gatewayd: Daemon, libvirt_env: LibvirtEnv
     uri = libvirt_env.uri
     for vol, fmt in (("q.qcow2", "qcow2"), ("r.img", "raw"), ("v.vmdk", "vmdk")):
         virsh(uri, "vol-create-as", pool, vol, "16M", "--format", fmt)
+    assert uri == "lxc:///"  # gatewayd's own URI: requests cannot name one
     out = json.loads(gatewayd.ctl("volume", "add", "pq", "--pool", pool, "--vol", "q.qcow2",
-                                  "--uri", uri, "--json", check=True).stdout)
+                                  "--format", "qcow2", "--json", check=True).stdout)
     assert out["format"] == "qcow2" and out["origin"] == "pool"
     assert out["path"].endswith("/pool/q.qcow2")
     assert out["lineage"]["source"]["pool"] == pool
     out = json.loads(gatewayd.ctl("volume", "add", "pr", "--pool", pool, "--vol", "r.img",
-                                  "--uri", uri, "--json", check=True).stdout)
+                                  "--format", "raw", "--json", check=True).stdout)
     assert out["format"] == "raw" and out["virtual_size"] == 16 << 20
     bad = gatewayd.ctl("volume", "add", "pv", "--pool", pool, "--vol", "v.vmdk",
-                       "--uri", uri)
+                       "--format", "raw")
     assert bad.returncode != 0 and "'vmdk' is not supported" in bad.stderr
+    # libvirt's dir pool guessed the format: only an agreeing declaration pins it
+    bad = gatewayd.ctl("volume", "add", "px", "--pool", pool, "--vol", "q.qcow2",
+                       "--format", "raw")
+    assert bad.returncode != 0 and "libvirt says qcow2, the admin declared raw" in bad.stderr
+    bad = gatewayd.ctl("volume", "add", "px", "--pool", pool, "--vol", "q.qcow2")
+    assert bad.returncode != 0 and "--format" in bad.stderr
     missing = gatewayd.ctl("volume", "add", "pm", "--pool", pool, "--vol", "nope",
-                           "--uri", uri)
+                           "--format", "raw")
     assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
     names = [v["name"] for v in json.loads(gatewayd.ctl("volume", "ls", "--json").stdout)]
     assert names == ["pq", "pr"]

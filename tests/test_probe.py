@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import parted
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 
 from gateway.errors import NotFound, ProbeError
 from gateway.probe import (
+    EXTERNAL_JOURNAL,
     DiskProbe,
     probe_file,
     probe_reader,
@@ -30,7 +33,8 @@ CASES = [
     "mbr-swap-first", "mbr-xfs", "gpt-basic", "gpt-multi", "gpt-out-of-order", "gpt-luks-first",
     "gpt-lvm-first", "gpt-empty-first", "gpt-hybrid", "gpt-4k", "gpt-bad-primary",
     "gpt-bad-primary-sig", "gpt-bad-entries", "gpt-both-bad", "gpt-absurd", "mbr-ebr-loop",
-    "mbr-past-end", "all-zero", "garbage-55aa", "garbage-55aa-flags",
+    "mbr-past-end", "all-zero", "garbage-55aa", "garbage-55aa-flags", "whole-ext4-extjournal",
+    "whole-jbd", "gpt-ext3-extjournal",
 ]
 TABLE_CASES = [n for n in CASES if n.startswith(("mbr-", "gpt-"))]
 
@@ -137,7 +141,7 @@ def test_fs_matches_blkid(cases: dict[str, Case], name: str) -> None:
         pytest.skip("table refused; nothing to compare")
     if layout.table == "none":
         info = blkid_type(case.path)
-        assert info.get("TYPE") == layout.whole_disk_fs
+        assert info.get("TYPE") == blkid_name(layout.whole_disk_fs)
         assert "PTTYPE" not in info
         return
     if case.crosscheck:
@@ -147,7 +151,12 @@ def test_fs_matches_blkid(cases: dict[str, Case], name: str) -> None:
     for part in layout.partitions:
         if part.container or part.end > disk_size:
             continue
-        assert blkid_type(case.path, part.start, part.size).get("TYPE") == part.fs, part
+        assert blkid_type(case.path, part.start, part.size).get("TYPE") == blkid_name(part.fs), part
+
+
+def blkid_name(fs: str | None) -> str | None:
+    """Our name as blkid spells it: blkid types an ext with an external journal ext3/ext4."""
+    return fs.removesuffix(EXTERNAL_JOURNAL) if fs is not None else None
 
 
 def test_read_batching(cases: dict[str, Case]) -> None:
@@ -244,3 +253,26 @@ def test_hypothesis_mutated_tables(cases: dict[str, Case]) -> None:
             assert "\n" not in str(exc)
 
     check()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["ext3", "ext4"])
+def test_each_external_journal_field_is_refused(cases: dict[str, Case], kind: str) -> None:
+    """Journal inode 0, a journal device number, or a journal UUID: each one alone is external."""
+    head = first_bytes(cases[f"whole-{kind}"].path)
+    sb = 1024
+
+    def reader(data: bytes) -> Callable[[int, int], bytes]:
+        return lambda off, n: data[off:off + n]
+
+    assert struct.unpack_from("<I", head, sb + 0xE0)[0] != 0  # mkfs made an internal journal
+    for offset, value in ((0xE0, b"\0\0\0\0"), (0xE4, struct.pack("<I", 0x0801)),
+                          (0xD0 + 15, b"\x01")):
+        blob = bytearray(head)
+        blob[sb + offset:sb + offset + len(value)] = value
+        data = bytes(blob)
+        layout = scan_reader(reader(data), len(data))
+        assert layout.whole_disk_fs == kind + EXTERNAL_JOURNAL, hex(offset)
+        with pytest.raises(ProbeError, match=f"^whole disk: {kind} with an external journal"):
+            probe_reader(reader(data), len(data))
+    assert scan_reader(reader(head), len(head)).whole_disk_fs == kind

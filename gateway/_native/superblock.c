@@ -5,12 +5,28 @@
 #define EXT_COMPAT_HAS_JOURNAL 0x0004u
 #define EXT_INCOMPAT_JOURNAL_DEV 0x0008u
 #define EXT_FLAGS_TEST_FILESYS 0x0004u
+/* Journal location fields of the ext superblock (offsets from its start) */
+#define EXT_SB_JOURNAL_UUID 0xD0u /* 16 bytes: UUID of an external journal device */
+#define EXT_SB_JOURNAL_INUM 0xE0u /* inode of an internal journal, 0 for an external one */
+#define EXT_SB_JOURNAL_DEV 0xE4u  /* device number of an external journal */
 /* Features the ext2 and ext3 drivers understand; anything else makes it ext4 (libblkid rule). */
 #define EXT2_RO_COMPAT_KNOWN 0x0007u  /* sparse_super, large_file, btree_dir */
 #define EXT2_INCOMPAT_KNOWN 0x0012u   /* filetype, meta_bg */
 #define EXT3_RO_COMPAT_KNOWN 0x0007u
 #define EXT3_INCOMPAT_KNOWN 0x0016u   /* filetype, recover, meta_bg */
 
+/* A journal outside the filesystem: mounting it makes the host kernel open the host block device
+ * that s_journal_dev names and replay it. An internal journal has an inode and neither a device
+ * number nor a journal UUID; anything else counts as external. */
+static int ext_journal_is_external(const uint8_t *sb)
+{
+    static const uint8_t no_uuid[16];
+    return get_le32(sb + EXT_SB_JOURNAL_INUM) == 0 || get_le32(sb + EXT_SB_JOURNAL_DEV) != 0
+           || memcmp(sb + EXT_SB_JOURNAL_UUID, no_uuid, sizeof(no_uuid)) != 0;
+}
+
+/* ext2/3/4 by the libblkid rules; a journalled one whose journal lives elsewhere is reported as
+ * "ext3-external-journal" / "ext4-external-journal", which no rootfs rule mounts. */
 static const char *ext_kind(const uint8_t *buf, uint64_t have)
 {
     const size_t sb = 1024;
@@ -22,11 +38,15 @@ static const char *ext_kind(const uint8_t *buf, uint64_t have)
     uint32_t flags = get_le32(buf + sb + 0x160);
     if (incompat & EXT_INCOMPAT_JOURNAL_DEV)
         return "jbd";
+    int external = (compat & EXT_COMPAT_HAS_JOURNAL) && ext_journal_is_external(buf + sb);
     int beyond_ext3 = (ro_compat & ~EXT3_RO_COMPAT_KNOWN) || (incompat & ~EXT3_INCOMPAT_KNOWN);
-    if (beyond_ext3)
-        return (flags & EXT_FLAGS_TEST_FILESYS) ? "ext4dev" : "ext4";
+    if (beyond_ext3) {
+        if (flags & EXT_FLAGS_TEST_FILESYS)
+            return "ext4dev"; /* never mounted either way */
+        return external ? "ext4-external-journal" : "ext4";
+    }
     if (compat & EXT_COMPAT_HAS_JOURNAL)
-        return "ext3";
+        return external ? "ext3-external-journal" : "ext3";
     if ((ro_compat & ~EXT2_RO_COMPAT_KNOWN) || (incompat & ~EXT2_INCOMPAT_KNOWN))
         return NULL; /* not reachable: ext2 knows a subset of ext3's incompat set minus recover */
     return "ext2";

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -53,6 +54,8 @@ class ExportSpec:
     read_only: bool
     block_device: bool = False
     backing: ExportSpec | None = None
+    # (st_dev, st_ino) recorded at registration: the file opened must be that one
+    file_id: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not VOLUME_NAME.fullmatch(self.name):
@@ -135,12 +138,13 @@ def _common(read_only: bool, io: IOPolicy) -> dict[str, Any]:
 
 
 def protocol_args(spec: ExportSpec, io: IOPolicy = DEFAULT_IO,
-                  names: NodeNames | None = None) -> dict[str, Any]:
+                  names: NodeNames | None = None, filename: str | None = None) -> dict[str, Any]:
+    """The protocol node; `filename` replaces the path (a /proc fd name of the checked file)."""
     names = names or node_names(spec)
     return {
         "driver": "host_device" if spec.block_device else "file",
         "node-name": names.proto,
-        "filename": spec.path,
+        "filename": filename or spec.path,
         "locking": "on",
         "aio": io.aio,
         **_common(spec.read_only, io),
@@ -165,11 +169,15 @@ def format_args(spec: ExportSpec, io: IOPolicy = DEFAULT_IO,
 
 
 def layer_commands(spec: ExportSpec, io: IOPolicy = DEFAULT_IO,
-                   backing_node: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+                   backing_node: str | None = None, *,
+                   filenames: Mapping[str, str] | None = None
+                   ) -> list[tuple[str, dict[str, Any]]]:
     """The blockdev-add commands for one volume, protocol node first. A spec with a backing
-    volume emits its whole chain, bottom layer first (`backing_node` must then be None)."""
+    volume emits its whole chain, bottom layer first (`backing_node` must then be None).
+    `filenames` maps a layer's volume name to the name QSD opens instead of its path."""
+    files = filenames or {}
     if spec.backing is None:
-        return [("blockdev-add", protocol_args(spec, io)),
+        return [("blockdev-add", protocol_args(spec, io, filename=files.get(spec.name))),
                 ("blockdev-add", format_args(spec, io, backing_node))]
     if backing_node is not None:
         raise InvalidArgument(f"volume {spec.name}: backing given twice")
@@ -177,7 +185,8 @@ def layer_commands(spec: ExportSpec, io: IOPolicy = DEFAULT_IO,
     below: str | None = None
     for layer in reversed(spec.chain()):
         names = layer_names(spec, layer)
-        commands.append(("blockdev-add", protocol_args(layer, io, names)))
+        commands.append(("blockdev-add", protocol_args(layer, io, names,
+                                                       files.get(layer.name))))
         commands.append(("blockdev-add", format_args(layer, io, below, names)))
         below = names.fmt
     return commands

@@ -38,7 +38,7 @@ from typing import Any
 
 import trio
 
-from gateway import command
+from gateway import command, imagefile
 from gateway.errors import (
     BackendError,
     CommandError,
@@ -46,7 +46,9 @@ from gateway.errors import (
     FormatError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
 )
+from gateway.imagefile import FileId
 from gateway.nbd.nodes import (
     DEFAULT_IO,
     ExportSpec,
@@ -82,6 +84,19 @@ async def _wait_pidfd(pidfd: int, timeout: float) -> bool:
         await trio.lowlevel.wait_readable(pidfd)
         return True
     return False
+
+
+def _pin_chain(spec: ExportSpec) -> dict[str, tuple[int, FileId]]:
+    """O_PATH fds of every layer's file, checked (imagefile.open_pinned); blocking."""
+    pins: dict[str, tuple[int, FileId]] = {}
+    try:
+        for layer in spec.chain():
+            pins[layer.name] = imagefile.open_pinned(layer.path, layer.file_id)
+    except BaseException:
+        for fd, _ in pins.values():
+            os.close(fd)
+        raise
+    return pins
 
 
 def map_qmp_error(spec: ExportSpec, exc: QMPError) -> Exception:
@@ -122,6 +137,7 @@ class StorageDaemon:
         self.last_restart_seconds: float | None = None
         self.failures: dict[str, str] = {}
         self._specs: dict[str, ExportSpec] = {}
+        self._file_ids: dict[str, FileId] = {}  # the top layer's file of each export
         self._lock = trio.Lock()
         self._ready = trio.Event()
         self._qmp: QMPClient | None = None
@@ -187,7 +203,6 @@ class StorageDaemon:
                                    f"{'read-only' if current.read_only else 'writable'} "
                                    f"from {current.path}")
                 return self.uri(spec.name)
-            self._check_sharing(spec)
             await self._add(qmp, spec)
             self._specs[spec.name] = spec
             self.failures.pop(spec.name, None)
@@ -207,22 +222,15 @@ class StorageDaemon:
                 raise NotFound(f"volume {name} is not exported")
             await self._remove(qmp, spec, force=force)
             del self._specs[name]
+            self._file_ids.pop(name, None)
 
-    def _check_sharing(self, spec: ExportSpec) -> None:
+    def _check_sharing(self, spec: ExportSpec, file_id: FileId) -> None:
         """One file, one writer: qemu's image lock stops other processes, but inside one QSD
         every export shares all permissions, so two raw nodes on one file would both write."""
-        try:
-            st = os.stat(spec.path)
-        except OSError:
-            return  # blockdev-add reports it
         for other in self._specs.values():
             if other.read_only and spec.read_only:
                 continue
-            try:
-                ost = os.stat(other.path)
-            except OSError:
-                continue
-            if (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino):
+            if self._file_ids.get(other.name) == file_id:
                 raise Conflict(f"volume {spec.name}: {spec.path} is in use by exported volume "
                                f"{other.name} ({'read-only' if other.read_only else 'writable'}); "
                                "a file can have one writer and no other user")
@@ -230,9 +238,15 @@ class StorageDaemon:
     # ---- QMP steps -----------------------------------------------------------------------------
 
     async def _add(self, qmp: QMPClient, spec: ExportSpec) -> None:
+        """Add the export's nodes and the export. Every layer's file is opened first, in a
+        worker thread, without following symlinks and checked against its registered identity;
+        QSD gets /proc/<our pid>/fd/N, so it opens exactly the checked file."""
+        pins = await trio.to_thread.run_sync(_pin_chain, spec)
         added: list[str] = []
         try:
-            for cmd, args in layer_commands(spec, self.io):
+            self._check_sharing(spec, pins[spec.name][1])
+            filenames = {name: imagefile.proc_path(fd) for name, (fd, _) in pins.items()}
+            for cmd, args in layer_commands(spec, self.io, filenames=filenames):
                 await qmp.execute(cmd, args)
                 added.append(args["node-name"])
             await qmp.execute("block-export-add", export_args(spec))
@@ -241,6 +255,10 @@ class StorageDaemon:
                 with contextlib.suppress(QMPError):
                     await qmp.execute("blockdev-del", {"node-name": node})
             raise map_qmp_error(spec, exc) from exc
+        finally:
+            for fd, _ in pins.values():
+                os.close(fd)
+        self._file_ids[spec.name] = pins[spec.name][1]
 
     async def _remove(self, qmp: QMPClient, spec: ExportSpec, *, force: bool) -> None:
         export_id = node_names(spec).export_id
@@ -348,6 +366,9 @@ class StorageDaemon:
                     nursery.start_soon(watch_qmp)
                     await qmp.execute("nbd-server-start", {
                         "addr": {"type": "unix", "data": {"path": str(self.nbd_path)}}})
+                    # root only, whatever umask QSD was started with (NBD has no peer check)
+                    for sock in (self.nbd_path, self.qmp_path):
+                        os.chmod(sock, 0o600)
                     async with self._lock:
                         await self._readd(qmp)
                         self._qmp = qmp
@@ -371,10 +392,12 @@ class StorageDaemon:
         for spec in self.desired():
             wanted[spec.name] = spec
         self._specs.clear()
+        self._file_ids.clear()
         for spec in wanted.values():
             try:
                 await self._add(qmp, spec)
-            except (QMPError, Conflict, NotFound, FormatError) as exc:
+            except (QMPError, Conflict, NotFound, FormatError, PermissionDenied,
+                    InvalidArgument) as exc:
                 self.failures[spec.name] = str(exc)
                 continue
             self._specs[spec.name] = spec
