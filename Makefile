@@ -33,7 +33,7 @@ native: venv
 	$(PY) build_native.py
 
 run: setup
-	$(PY) -m gateway.demo
+	$(PY) -m gateway.cli.demo
 
 lint: setup
 	$(VENV)/bin/ruff check gateway tests bench build_native.py
@@ -47,6 +47,6 @@ pytest: setup
 test: setup lint typecheck pytest
 
 clean:
-	rm -rf build gateway/_native/*.so gateway/_native/_probe.c .pytest_cache .mypy_cache
+	rm -rf build gateway/probe/_native/*.so gateway/probe/_native/_probe.c .pytest_cache .mypy_cache
 
 -include mk/*.mk

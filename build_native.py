@@ -1,4 +1,4 @@
-"""Build the native probe (gateway._native._probe) with cffi in out-of-line API mode, in place."""
+"""Build the native probe (gateway.probe._native._probe) with cffi (out-of-line API), in place."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent
-NATIVE = ROOT / "gateway" / "_native"
+NATIVE = ROOT / "gateway" / "probe" / "_native"
 SOURCES = ("probe.c", "mbr.c", "gpt.c", "superblock.c", "crc32.c")
 BUILD = ROOT / "build" / "native"
 
@@ -41,7 +41,7 @@ def make_ffi() -> FFI:
     ffi = FFI()
     ffi.cdef(CDEF)
     ffi.set_source(
-        "gateway._native._probe",
+        "gateway.probe._native._probe",
         '#include "probe.h"',
         sources=[str(NATIVE / name) for name in SOURCES],
         include_dirs=[str(NATIVE)],

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway import loopdev, mounts
+from gateway.host import loopdev, mounts
 
 POLL = 0.002  # seconds between readiness checks (the chains get a tight poll, like a human script)
 

@@ -52,11 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report
 import mount_baselines
 
-from gateway import loopdev, mounts
-from gateway.attachment import prepare_rootfs_root
-from gateway.client import Client
-from tests.gatewayd import BIN, Daemon
-from tests.images import MIB, build_rootfs_tree, make_disk, make_fs_image, to_qcow2
+from gateway.admin.client import Client
+from gateway.attach.attachment import prepare_rootfs_root
+from gateway.host import loopdev, mounts
+from gateway.testing.daemon import BIN, Daemon
+from gateway.testing.images import MIB, build_rootfs_tree, make_disk, make_fs_image, to_qcow2
 
 REPO = Path(__file__).resolve().parent.parent
 GiB = 1024 * MIB
@@ -426,9 +426,9 @@ class Bench:
             print(f"  container start skipped: {exc}", flush=True)
 
     def _container(self, stack: contextlib.ExitStack) -> None:
-        from gateway.lxc import libvirtd
-        from gateway.lxc.connection import DEFAULT_URI, is_reachable
-        from gateway.lxc.domain import domain_xml
+        from gateway.libvirt import libvirtd
+        from gateway.libvirt.connection import DEFAULT_URI, is_reachable
+        from gateway.libvirt.domain import domain_xml
 
         # A libvirtd shared with other sessions may hang in a hook: ask in a thread, bounded.
         answer: list[bool] = []
@@ -444,7 +444,7 @@ class Bench:
         stack.callback(self._cleanup_daemon, daemon)
         # A private hooks dir holding the gateway hook for this daemon, as a deployment would
         # have it (a hook left in /etc/libvirt/hooks by `make run` names another socket).
-        from gateway.lxc.hook import install_hook
+        from gateway.libvirt.hook import install_hook
         hooks = self.work / "hooks"
         hooks.mkdir(exist_ok=True)
         install_hook(hooks, str(daemon.socket))

@@ -17,8 +17,8 @@ import parted
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.probe import scan_file
-from tests.probe_images import build_probe_images
+from gateway.probe.core import scan_file
+from gateway.testing.probe_images import build_probe_images
 
 IMAGES = ("gpt-basic", "mbr-logical", "gpt-multi", "whole-ext4")
 

@@ -7,16 +7,16 @@ LXC_PY ?= .venv/bin/python
 # Start a libvirtd for lxc:/// (reused if one answers) with RUN_DIR/rootfs as a shared mount.
 # Install the hook first (lxc-hook-install): libvirtd only finds hooks present when it starts.
 lxc-up:
-	$(LXC_PY) -m gateway.lxc.libvirtd up --shared $(LXC_RUN_DIR)/rootfs
+	$(LXC_PY) -m gateway.libvirt.libvirtd up --shared $(LXC_RUN_DIR)/rootfs
 
 lxc-down:
-	$(LXC_PY) -m gateway.lxc.libvirtd down
+	$(LXC_PY) -m gateway.libvirt.libvirtd down
 
 lxc-status:
-	$(LXC_PY) -m gateway.lxc.libvirtd status
+	$(LXC_PY) -m gateway.libvirt.libvirtd status
 
 lxc-hook-install:
-	$(LXC_PY) -c 'from gateway.lxc.hook import install_hook; print(install_hook())'
+	$(LXC_PY) -c 'from gateway.libvirt.hook import install_hook; print(install_hook())'
 
 lxc-test:
 	$(LXC_PY) -m pytest -q -ra tests/test_lxc_units.py tests/test_lxc_libvirt.py
@@ -27,7 +27,7 @@ lxc-e2e:
 
 # Undo `make run`: stop the demo container, its gatewayd and the libvirtd it started.
 stop:
-	$(LXC_PY) -m gateway.demo stop
+	$(LXC_PY) -m gateway.cli.demo stop
 
 lxc-hook-latency:
 	$(LXC_PY) -m tests.test_lxc_units

@@ -7,8 +7,8 @@ import pytest
 import trio
 
 from gateway.nbd.qsd import StorageDaemon
-from tests.gatewayd import Daemon
-from tests.images import ImageSet, build_image_set
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import ImageSet, build_image_set
 
 
 @pytest.fixture(scope="session")

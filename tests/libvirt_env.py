@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.lxc import hook, libvirtd
+from gateway.libvirt import hook, libvirtd
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,6 @@ class FakeGatewayd:
 
 
 def libvirtd_mountpoint(path: Path) -> bool:
-    from gateway.lxc.hostprep import mount_propagation
+    from gateway.libvirt.hostprep import mount_propagation
 
     return mount_propagation(path) is not None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gatewayd import Daemon
+from gateway.testing.daemon import Daemon
 
 pytestmark = pytest.mark.timeout(120)
 GROUP = "sgw-test-admins"

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.server import MAX_CONNECTIONS_PER_UID, MAX_REFUSALS_PER_UID
-from tests.gatewayd import Daemon
-from tests.images import MIB, make_fs_image
+from gateway.admin.server import MAX_CONNECTIONS_PER_UID, MAX_REFUSALS_PER_UID
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import MIB, make_fs_image
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUP = "sgw-test-admins"
@@ -169,7 +169,7 @@ def test_soft_fd_limit_is_raised_to_the_hard_limit(top: Path) -> None:
 # report, hold the served connections until a line on stdin, then call on them again.
 CLIENT = """
 import json, socket, sys
-from gateway.client import Client
+from gateway.admin.client import Client
 from gateway.errors import GatewayError
 
 def call(c):

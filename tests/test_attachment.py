@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import attachment, fuse2fs, loopdev, mounts
+from gateway.attach import attachment
 from gateway.errors import Conflict, FormatError, GatewayError, InvalidArgument
-from tests.images import MARKER, MIB, ImageSet, copy_image
+from gateway.host import fuse2fs, loopdev, mounts
+from gateway.testing.images import MARKER, MIB, ImageSet, copy_image
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway import attachment, loopdev, mounts
+from gateway.attach import attachment
 from gateway.errors import FormatError, ProbeError
-from gateway.probe import probe_reader
-from tests.gatewayd import Daemon
-from tests.probe_images import MIB, make_ext_external_journal, sh
+from gateway.host import loopdev, mounts
+from gateway.probe.core import probe_reader
+from gateway.testing.daemon import Daemon
+from gateway.testing.probe_images import MIB, make_ext_external_journal, sh
 
 VOLUME = "vol"
 REFUSED_OPTS = "bind mode refuses; clear them with `tune2fs -E mount_opts= IMAGE`"

@@ -17,7 +17,7 @@ import trio
 from gateway.errors import AlreadyExists, BackendError, Conflict, InvalidArgument
 from gateway.fuse.backend import BlockBackend, FileBackend
 from gateway.fuse.blockview import BlockView
-from tests.images import MIB, ImageSet, copy_image
+from gateway.testing.images import MIB, ImageSet, copy_image
 
 WINDOW = {"none": None, "mbr": (MIB, 64 * MIB), "gpt": (MIB, 64 * MIB)}
 

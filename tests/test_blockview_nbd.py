@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway import attachment
+from gateway.attach import attachment
 from gateway.fuse.blockview import BlockView
 from gateway.nbd.client import NBDClient
-from tests.images import MARKER, MIB, ImageSet, copy_image
+from gateway.testing.images import MARKER, MIB, ImageSet, copy_image
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gatewayd import Daemon
-from tests.images import ImageSet, copy_image
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import ImageSet, copy_image
 
 pytestmark = pytest.mark.timeout(120)
 

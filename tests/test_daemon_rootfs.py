@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gatewayd import Daemon
-from tests.images import MARKER, MIB, ImageSet, copy_image
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import MARKER, MIB, ImageSet, copy_image
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from gateway import loopdev, mounts
-from gateway.lxc import domain
-from tests.gatewayd import Daemon
-from tests.images import MARKER, ImageSet, copy_image
+from gateway.host import loopdev, mounts
+from gateway.libvirt import domain
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import MARKER, ImageSet, copy_image
 from tests.libvirt_env import LibvirtEnv, libvirt_env
 
 __all__ = ["libvirt_env"]  # the session fixture
@@ -142,16 +142,16 @@ def gw(lxc_gatewayd: Daemon, libvirt_env: LibvirtEnv) -> Iterator[Daemon]:
 
 @pytest.mark.timeout(180)
 def test_demo_start_twice_then_stop(libvirt_env: LibvirtEnv, tmp_path: Path) -> None:
-    """`make run` / `make stop` (gateway.demo) in temp dirs. It runs before the module's gatewayd
-    exists (first test of the file): the demo starts its own on the run dir libvirtd was prepared
-    for. libvirtd is the session's, so the demo reuses it and leaves it running."""
+    """`make run` / `make stop` (gateway.cli.demo) in temp dirs. It runs before the module's
+    gatewayd exists (first test of the file): the demo starts its own on the run dir libvirtd was
+    prepared for. libvirtd is the session's, so the demo reuses it and leaves it running."""
     if not (libvirt_env.hook_active and libvirt_env.mounts_visible):
         pytest.skip("a libvirtd was already running: it has no gateway hook")
     run_dir = libvirt_env.socket_path.parent
     if libvirt_env.socket_path.exists():
         pytest.skip("another gatewayd serves the session's run dir; run this test first")
     name = f"{PREFIX}demo"
-    argv = [sys.executable, "-m", "gateway.demo", "--state-dir", str(tmp_path / "state"),
+    argv = [sys.executable, "-m", "gateway.cli.demo", "--state-dir", str(tmp_path / "state"),
             "--run-dir", str(run_dir), "--log", str(tmp_path / "gatewayd.log"),
             "--hooks-dir", str(run_dir / "hooks"), "--domain", name]
 

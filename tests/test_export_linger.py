@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import loopdev
-from tests.gatewayd import Daemon
-from tests.images import MIB, ImageSet, copy_image, make_fs_image
+from gateway.host import loopdev
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import MIB, ImageSet, copy_image, make_fs_image
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,7 +12,7 @@ from gateway.nbd.client import NBDClient
 from gateway.nbd.nodes import ExportSpec
 from gateway.nbd.qsd import StorageDaemon
 from gateway.nbd.transient import transient_export
-from tests.images import ImageSet
+from gateway.testing.images import ImageSet
 
 SECRET = b"TOP-SECRET-HOST-FILE-0123456789"
 MIB = 1 << 20

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import attachment, fuse2fs, mounts
-from tests.gatewayd import Daemon
-from tests.images import MIB, make_fs_image
+from gateway.attach import attachment
+from gateway.host import fuse2fs, mounts
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import MIB, make_fs_image
 
 USER = "sgw-test-fakefuse"
 MARKER = "the gateway's own volume\n"

@@ -1,8 +1,8 @@
 """Property fuzzing of the two sans-I/O cores: the admin protocol and QMP.
 
-Random and mutated byte streams, split at random points, go into gateway.protocol's connections and
-gateway.nbd.qmp.QMPConnection. Checked: only the documented exceptions escape, the result does
-not depend on how the stream was split, and the state machines keep their invariants.
+Random and mutated byte streams, split at random points, go into gateway.admin.protocol's
+connections and gateway.nbd.qmp.QMPConnection. Checked: only the documented exceptions escape, the
+result does not depend on how the stream was split, and the state machines keep their invariants.
 
 Bounded for `make test` (FUZZ_CORES_EXAMPLES, default 250 each); `make fuzz-cores` runs many more.
 
@@ -26,9 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import protocol
-from gateway.nbd import qmp
-from gateway.protocol import (
+from gateway.admin import protocol
+from gateway.admin.protocol import (
     NEED_DATA,
     BadRequest,
     ClientConnection,
@@ -40,6 +39,7 @@ from gateway.protocol import (
     State,
     parse_request,
 )
+from gateway.nbd import qmp
 
 pytestmark = pytest.mark.timeout(240)
 EXAMPLES = int(os.environ.get("FUZZ_CORES_EXAMPLES", "250"))

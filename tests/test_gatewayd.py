@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gatewayd import BIN, Daemon
-from tests.images import ImageSet
+from gateway.testing.daemon import BIN, Daemon
+from gateway.testing.images import ImageSet
 
 pytestmark = pytest.mark.timeout(120)
 

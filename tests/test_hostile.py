@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from gateway import errors
-from gateway.client import Client
-from tests.gatewayd import Daemon
-from tests.images import MARKER, ImageSet, copy_image
+from gateway.admin.client import Client
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import MARKER, ImageSet, copy_image
 
 pytestmark = pytest.mark.timeout(180)
 MIB = 1024 * 1024

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import FormatError
-from gateway.inspect import HEADER_READ, inspect_image, inspect_qcow2
+from gateway.volumes.inspect import HEADER_READ, inspect_image, inspect_qcow2
 
 
 def qemu_img(*args: str) -> None:

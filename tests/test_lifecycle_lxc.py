@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.lxc import domain
-from tests.gatewayd import Daemon
-from tests.images import MARKER, ImageSet, copy_image
+from gateway.libvirt import domain
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import MARKER, ImageSet, copy_image
 from tests.libvirt_env import LibvirtEnv, libvirt_env
 
 __all__ = ["libvirt_env"]  # the session fixture

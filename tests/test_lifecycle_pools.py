@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import FormatError
-from gateway.pools import format_from_xml
-from tests.gatewayd import Daemon
+from gateway.libvirt.pools import format_from_xml
+from gateway.testing.daemon import Daemon
 from tests.libvirt_env import LibvirtEnv, libvirt_env
 
 __all__ = ["libvirt_env"]  # the session fixture

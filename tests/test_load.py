@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.client import call
+from gateway.admin.client import call
 from gateway.errors import Conflict
-from tests.gatewayd import Daemon
-from tests.images import MARKER, ImageSet, copy_image, make_fs_image
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import MARKER, ImageSet, copy_image, make_fs_image
 
 VOLUMES = int(os.environ.get("LOAD_VOLUMES", "24"))
 pytestmark = pytest.mark.timeout(120 + 6 * VOLUMES)

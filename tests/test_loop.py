@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import loopdev
 from gateway.errors import NotFound
+from gateway.host import loopdev
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""gateway.lxc against a real libvirtd (see tests/libvirt_env.py)."""
+"""gateway.libvirt against a real libvirtd (see tests/libvirt_env.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import trio
 
 from gateway.errors import BackendError, Conflict, InvalidArgument, NotFound
-from gateway.lxc import domain
-from gateway.lxc.events import LifecycleEvent, LifecycleEvents
-from gateway.lxc.hostview import release_host_view
-from tests.images import MARKER, build_rootfs_tree
+from gateway.libvirt import domain
+from gateway.libvirt.events import LifecycleEvent, LifecycleEvents
+from gateway.libvirt.hostview import release_host_view
+from gateway.testing.images import MARKER, build_rootfs_tree
 from tests.libvirt_env import FakeGatewayd, LibvirtEnv, libvirt_env, umount_below
 
 __all__ = ["libvirt_env"]  # the session fixture
@@ -176,7 +176,7 @@ def test_stop_refuses_foreign_domain(libvirt_env: LibvirtEnv, tree: Path) -> Non
 
 @pytest.mark.timeout(30)
 def test_running_libvirtd_is_reused(libvirt_env: LibvirtEnv) -> None:
-    from gateway.lxc import libvirtd
+    from gateway.libvirt import libvirtd
 
     handle = libvirtd.ensure_libvirtd([libvirt_env.shared_dir])
     assert not handle.owned

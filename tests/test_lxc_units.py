@@ -1,4 +1,4 @@
-"""Pure parts of gateway.lxc: domain XML, metadata parsing, the hook script and its installer."""
+"""Pure parts of gateway.libvirt: domain XML, metadata parsing, the hook script, its installer."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import Conflict, InvalidArgument
-from gateway.lxc import hook
-from gateway.lxc.domain import attachment_from_xml, domain_xml, rootfs_from_xml, validate_name
-from gateway.lxc.events import describe_event
-from gateway.lxc.hostprep import mount_propagation
+from gateway.libvirt import hook
+from gateway.libvirt.domain import attachment_from_xml, domain_xml, rootfs_from_xml, validate_name
+from gateway.libvirt.events import describe_event
+from gateway.libvirt.hostprep import mount_propagation
 from tests.libvirt_env import FakeGatewayd
 
 pytestmark = pytest.mark.timeout(30)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gatewayd import Daemon
-from tests.images import ImageSet, copy_image
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import ImageSet, copy_image
 
 pytestmark = pytest.mark.timeout(180)
 BIND_PHASES = ("export", "probe", "window", "loop", "mount", "bind")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import mounts
 from gateway.errors import Conflict, NotFound
+from gateway.host import mounts
 
 SAMPLE = (
     "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n"

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import NotFound, ProbeError
-from gateway.probe import (
+from gateway.probe.core import (
     EXTERNAL_JOURNAL,
     DiskProbe,
     probe_file,
@@ -24,7 +24,7 @@ from gateway.probe import (
     scan_file,
     scan_reader,
 )
-from tests.probe_images import Case, first_bytes, session_cases
+from gateway.testing.probe_images import Case, first_bytes, session_cases
 
 CASES = [
     "whole-ext2", "whole-ext3", "whole-ext4", "whole-xfs", "whole-btrfs", "whole-vfat12",

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.probe_images import Case, first_bytes, session_cases
+from gateway.testing.probe_images import Case, first_bytes, session_cases
 
 ROOT = Path(__file__).resolve().parent.parent
-NATIVE = ROOT / "gateway" / "_native"
+NATIVE = ROOT / "gateway" / "probe" / "_native"
 FUZZ = ROOT / "tests" / "fuzz"
 CORE = [NATIVE / n for n in ("probe.c", "mbr.c", "gpt.c", "superblock.c", "crc32.c")]
 FUZZ_SECONDS = int(os.environ.get("PROBE_FUZZ_SECONDS", "20"))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.protocol import (
+from gateway.admin.protocol import (
     MAX_DEPTH,
     MAX_LINE,
     NEED_DATA,

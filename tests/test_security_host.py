@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import mounts
-from gateway.client import call
+from gateway.admin.client import call
 from gateway.errors import PermissionDenied
-from tests.gatewayd import Daemon
-from tests.images import MARKER, build_rootfs_tree, make_fs_image
+from gateway.host import mounts
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import MARKER, build_rootfs_tree, make_fs_image
 from tests.test_access import ensure_user
 
 pytestmark = pytest.mark.timeout(180)
@@ -205,7 +205,7 @@ def test_a_request_cannot_name_a_libvirt_uri(gw: Daemon, top: Path) -> None:
 
 
 def test_daemon_uri_must_be_plain_local() -> None:
-    from gateway.pools import check_uri
+    from gateway.libvirt.pools import check_uri
     assert check_uri("lxc:///") == "lxc:///" and check_uri("qemu:///system")
     for uri in ("lxc+ext:///system?command=/x", "lxc:///system?socket=/x", "lxc+ssh://h/",
                 "qemu://host/system"):
@@ -337,7 +337,7 @@ def test_status_says_when_the_admin_group_is_root_equivalent(top: Path) -> None:
 def test_jobs_never_starve_mounts(gw: Daemon, top: Path) -> None:
     """Finding 9: jobs shared trio's worker threads with mounts; 40 concurrent imports made an
     unrelated mount wait 120 s. Jobs now run at most JOB_THREADS at a time, on their own."""
-    from gateway.service import JOB_THREADS
+    from gateway.admin.service import JOB_THREADS
     source = top / "images" / "noise.raw"
     with open(source, "wb") as f:
         f.write(os.urandom(48 << 20))  # not sparse: every copy really writes

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.client import call
-from gateway.systemd import UNIT_NAME, render_unit
-from tests.gatewayd import BIN, Daemon
+from gateway.admin.client import call
+from gateway.cli.systemd import UNIT_NAME, render_unit
+from gateway.testing.daemon import BIN, Daemon
 
 pytestmark = pytest.mark.timeout(90)
 REPO = Path(__file__).resolve().parent.parent

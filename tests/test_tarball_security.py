@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from gateway import import_worker, lifecycle, tarball
 from gateway.catalog import Volume
 from gateway.errors import FormatError, GatewayError, InvalidArgument
-from tests.gatewayd import Daemon
+from gateway.testing.daemon import Daemon
+from gateway.volumes import import_worker, lifecycle, tarball
 
 MIB = 1 << 20
 ID_BASE = import_worker.ID_BASE

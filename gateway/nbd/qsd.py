@@ -38,7 +38,7 @@ from typing import Any
 
 import trio
 
-from gateway import command, imagefile
+from gateway import command
 from gateway.errors import (
     BackendError,
     CommandError,
@@ -48,7 +48,8 @@ from gateway.errors import (
     NotFound,
     PermissionDenied,
 )
-from gateway.imagefile import FileId
+from gateway.host import imagefile
+from gateway.host.imagefile import FileId
 from gateway.nbd.nodes import (
     DEFAULT_IO,
     ExportSpec,

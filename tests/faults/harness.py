@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.gatewayd import Daemon
+from gateway.attach import attachment
+from gateway.testing.daemon import Daemon
 
 CYCLES = int(os.environ.get("SOAK_CYCLES", "1"))
 REPORT = os.environ.get("SOAK_REPORT")  # append one JSON line per cycle when set
@@ -112,7 +113,6 @@ def gatewayd_fds(daemon: Daemon) -> int:
 
 def leaks(daemon: Daemon, volume: str) -> list[str]:
     """What of `volume` is left, plus stray processes (more than one QSD, any fuse2fs)."""
-    from gateway import attachment
     found = attachment.leftovers(daemon.run_dir, volume,
                                  keep=daemon.standby_loops().get(volume))
     qsds = [x for x in daemon.leftovers() if ": qemu-storage-daemon " in x]

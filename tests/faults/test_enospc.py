@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import MARKER, ImageSet, copy_image
 from tests.faults.harness import healthy, leaks
-from tests.gatewayd import Daemon
-from tests.images import MARKER, ImageSet, copy_image
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import fuse2fs
+from gateway.host import fuse2fs
+from gateway.testing.daemon import Daemon
+from gateway.testing.images import ImageSet, copy_image
 from tests.faults.harness import (
     CYCLES,
     CycleReport,
@@ -41,8 +43,6 @@ from tests.faults.harness import (
     verify_data,
     wait_for,
 )
-from tests.gatewayd import Daemon
-from tests.images import ImageSet, copy_image
 
 pytestmark = pytest.mark.timeout(90 + 60 * CYCLES)
 VOL = "victim"

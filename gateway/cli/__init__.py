@@ -1,0 +1,7 @@
+"""gatewayctl and the other command-line front ends (the demo, the systemd unit writer).
+
+Modules: main (gatewayctl), lifecycle (volume create/import/resize and jobs), systemd
+(install-systemd), demo (`make run`). They keep their imports light: gatewayctl must start fast.
+"""
+
+__all__ = ["demo", "lifecycle", "main", "systemd"]

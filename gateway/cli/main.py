@@ -1,0 +1,378 @@
+"""gatewayctl: the human and script front end of the admin socket.
+
+Imports stay light (no trio, no libvirt) so that a command starts fast; the few commands that work
+without a daemon import what they need when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from gateway.errors import GatewayError, InvalidArgument
+
+Command = Callable[[argparse.Namespace], int]
+
+# Modules that add commands: each has `register(top, groups)` (argparse subparsers: the top level
+# and the "volume" and "domain" groups) and keeps its imports light.
+COMMAND_MODULES: tuple[str, ...] = ("gateway.cli.lifecycle", "gateway.cli.systemd")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def default_socket() -> str:
+    from gateway.config import default_socket as find
+    return str(find())
+
+
+def call(ns: argparse.Namespace, op: str, args: dict[str, Any] | None = None) -> Any:
+    from gateway.admin.client import call as client_call
+    return client_call(ns.socket, op, args or {}, timeout=ns.timeout)
+
+
+def emit(ns: argparse.Namespace, value: Any, human: Callable[[Any], str]) -> int:
+    if getattr(ns, "json", False):
+        print(json.dumps(value, indent=2))
+    else:
+        text = human(value)
+        if text:
+            print(text)
+    return 0
+
+
+def size_text(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{n}B"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(map(str, headers))] + [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
+
+
+def mapping(pairs: Sequence[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k + ':':<{width + 1}} {'-' if v is None else v}" for k, v in pairs)
+
+
+# Commands.
+def cmd_status(ns: argparse.Namespace) -> int:
+    result = call(ns, "status")
+
+    def human(r: dict[str, Any]) -> str:
+        pairs = [(k, r[k]) for k in sorted(r) if not isinstance(r[k], (dict, list))]
+        security = r.get("security") or {}
+        if security.get("warning"):
+            pairs.append(("warning", security["warning"]))
+        return mapping(pairs)
+    return emit(ns, result, human)
+
+
+def volume_row(v: dict[str, Any]) -> list[Any]:
+    attachment = v.get("attachment") or {}
+    return [v["name"], v["format"], size_text(v["virtual_size"]), "ro" if v["read_only"] else "rw",
+            "idle" if v.get("export_idle") else "yes" if v.get("exported") else "no",
+            attachment.get("mode"), v["path"]]
+
+
+def mount_flag_args(ns: argparse.Namespace) -> dict[str, Any]:
+    """The mount-flag arguments of a request that makes a volume (nosuid is the default)."""
+    return {"setuid": ns.setuid, "noexec": ns.noexec}
+
+
+def cmd_volume_add(ns: argparse.Namespace) -> int:
+    flags = {"read_only": ns.read_only, "fstype": ns.fstype, **mount_flag_args(ns)}
+    if ns.pool or ns.vol:
+        if ns.path or not (ns.pool and ns.vol and ns.format):
+            raise InvalidArgument("give either PATH --format F, or --pool POOL --vol VOL "
+                                  "--format F (which must agree with the pool volume's XML)")
+        args = {"name": ns.name, "pool": ns.pool, "vol": ns.vol, "format": ns.format, **flags}
+        result = call(ns, "volume-add-pool", args)
+    else:
+        if not ns.path or not ns.format:
+            raise InvalidArgument("PATH and --format raw|qcow2 are required "
+                                  "(or --pool POOL --vol VOL --format F)")
+        result = call(ns, "volume-add", {"name": ns.name, "path": ns.path, "format": ns.format,
+                                         **flags})
+    return emit(ns, result, lambda r: f"added {r['name']} ({r['format']}, "
+                                      f"{size_text(r['virtual_size'])}) from {r['path']}")
+
+
+def cmd_volume_set(ns: argparse.Namespace) -> int:
+    args: dict[str, Any] = {"name": ns.name}
+    if ns.setuid is not None:
+        args["setuid"] = ns.setuid
+    if ns.noexec is not None:
+        args["noexec"] = ns.noexec
+    result = call(ns, "volume-set", args)
+    return emit(ns, result, lambda r: f"{r['name']}: nosuid={r['nosuid']} noexec={r['noexec']}")
+
+
+def cmd_volume_ls(ns: argparse.Namespace) -> int:
+    result = call(ns, "volume-list")
+    headers = ("NAME", "FORMAT", "SIZE", "MODE", "EXPORTED", "MOUNTED", "PATH")
+    return emit(ns, result, lambda r: table(headers, [volume_row(v) for v in r]))
+
+
+def cmd_volume_show(ns: argparse.Namespace) -> int:
+    result = call(ns, "volume-show", {"name": ns.name})
+
+    def human(v: dict[str, Any]) -> str:
+        pairs: list[tuple[str, Any]] = [(k, v.get(k)) for k in (
+            "name", "path", "format", "virtual_size", "read_only", "nosuid", "noexec", "fstype",
+            "created", "origin", "base", "overlays", "exported", "export_idle", "standby_loop",
+            "uri")]
+        attachment = v.get("attachment")
+        pairs.append(("attachment", None if not attachment else
+                      f"{attachment['mode']} at {attachment['rootfs']} ({attachment['state']})"))
+        return mapping(pairs)
+    return emit(ns, result, human)
+
+
+def cmd_volume_rm(ns: argparse.Namespace) -> int:
+    result = call(ns, "volume-remove", {"name": ns.name})
+    return emit(ns, result, lambda r: f"removed {r['name']}")
+
+
+def cmd_probe_image(ns: argparse.Namespace) -> int:
+    from gateway.probe.image import probe_image
+    result = probe_image(ns.path, ns.format)
+    return emit(ns, result, probe_text)
+
+
+def probe_text(r: dict[str, Any]) -> str:
+    rows = [[p["number"], p["start"], p["size"], p["type"], p["fs"]] for p in r["partitions"]]
+    root = r["rootfs"]
+    head = (f"table: {r['table']}  sector size: {r['sector_size']}\n"
+            f"rootfs: {'whole disk' if root['number'] == 0 else 'partition ' + str(root['number'])}"
+            f" at {root['start']} size {root['size']} fs {root['fs']}")
+    if not rows:
+        return head
+    return head + "\n" + table(("NUMBER", "START", "SIZE", "TYPE", "FS"), rows)
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    result = call(ns, "export", {"name": ns.name})
+    return emit(ns, result, lambda r: r["uri"])
+
+
+def cmd_unexport(ns: argparse.Namespace) -> int:
+    result = call(ns, "unexport", {"name": ns.name})
+    return emit(ns, result, lambda r: f"unexported {r['name']}")
+
+
+def cmd_probe(ns: argparse.Namespace) -> int:
+    return emit(ns, call(ns, "probe", {"name": ns.name}), probe_text)
+
+
+def cmd_mount(ns: argparse.Namespace) -> int:
+    result = call(ns, "mount", {"name": ns.name, "mode": ns.mode})
+    if ns.json:
+        print(json.dumps({"rootfs": result["rootfs"], "mode": result["mode"]}))
+        return 0
+    print(result["rootfs"])
+    return 0
+
+
+def cmd_umount(ns: argparse.Namespace) -> int:
+    result = call(ns, "umount", {"name": ns.name, "force": ns.force})
+    return emit(ns, result, lambda r: f"unmounted {r['name']}")
+
+
+def domain_args(ns: argparse.Namespace) -> dict[str, Any]:
+    return {"name": ns.name, "volume": ns.volume, "mode": ns.mode, "init": ns.init,
+            "args": ns.arg or [], "memory": ns.memory, "vcpus": ns.vcpus,
+            "release_host_view": getattr(ns, "release_host_view", False)}
+
+
+def cmd_domain_start(ns: argparse.Namespace) -> int:
+    result = call(ns, "domain-start", domain_args(ns))
+    return emit(ns, result, lambda r: f"started {r['name']} on {r['rootfs']} ({r['mode']} mode)")
+
+
+def cmd_domain_stop(ns: argparse.Namespace) -> int:
+    result = call(ns, "domain-stop", {"name": ns.name})
+    return emit(ns, result, lambda r: f"stopped {r['name']}" if r["stopped"]
+                else f"no domain {r['name']}")
+
+
+def cmd_domain_ls(ns: argparse.Namespace) -> int:
+    result = call(ns, "domain-list")
+    return emit(ns, result, lambda r: table(("NAME", "STATE", "VOLUME", "MODE"),
+                                            [[d["name"], d["state"], d["volume"], d["mode"]]
+                                             for d in r]))
+
+
+def cmd_domain_xml(ns: argparse.Namespace) -> int:
+    result = call(ns, "domain-xml", domain_args(ns))
+    print(result["xml"])
+    return 0
+
+
+def cmd_metrics(ns: argparse.Namespace) -> int:
+    sys.stdout.write(call(ns, "metrics")["text"])
+    return 0
+
+
+def cmd_install_hook(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.libvirt.hook import install_hook
+    outcome = install_hook(Path(ns.hooks_dir), ns.socket, chain=not ns.no_chain)
+    print(f"libvirt lxc hook {outcome} in {ns.hooks_dir}")
+    return 0
+
+
+def add_mount_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--setuid", action="store_true",
+                   help="honour setuid binaries in the rootfs (default: mounted nosuid)")
+    p.add_argument("--nosuid", action="store_true", help=argparse.SUPPRESS)  # the default now
+    p.add_argument("--noexec", action="store_true", help="mount the rootfs noexec")
+
+
+def add_domain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+    p.add_argument("--volume", required=True)
+    p.add_argument("--mode", choices=["bind", "fuse"], default="bind")
+    p.add_argument("--init", default="/sbin/init")
+    p.add_argument("--arg", action="append", help="argument for init (repeatable)")
+    p.add_argument("--memory", type=int, default=128, help="MiB")
+    p.add_argument("--vcpus", type=int, default=1)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="gatewayctl", description="storage-gateway admin CLI")
+    parser.add_argument("--socket", default=None,
+                        help="admin socket (default RUN_DIR/admin.sock, env GATEWAY_SOCKET)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds to wait for an answer")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("status", help="daemon health")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
+
+    volume = sub.add_parser("volume", help="manage volumes").add_subparsers(
+        dest="volume_command", required=True, parser_class=Parser)
+    p = volume.add_parser("add", help="register an image with a pinned format")
+    p.add_argument("name")
+    p.add_argument("path", nargs="?")
+    p.add_argument("--format", help="raw or qcow2 (never guessed)")
+    p.add_argument("--pool", help="libvirt storage pool (with --vol; the format comes from "
+                                  "the pool volume's XML)")
+    p.add_argument("--vol", help="volume in --pool (through gatewayd's own libvirt URI)")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--fstype", choices=["ext2", "ext3", "ext4", "xfs", "btrfs"],
+                   help="pin the rootfs filesystem type now (default: pinned at first mount)")
+    add_mount_flags(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_volume_add)
+    p = volume.add_parser("set", help="change how a volume's rootfs is mounted (unmounted only)")
+    p.add_argument("name")
+    p.add_argument("--setuid", action=argparse.BooleanOptionalAction, default=None,
+                   help="honour setuid binaries in the rootfs (--no-setuid: nosuid)")
+    p.add_argument("--noexec", action=argparse.BooleanOptionalAction, default=None,
+                   help="mount the rootfs noexec")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_volume_set)
+    p = volume.add_parser("ls", help="list volumes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_volume_ls)
+    p = volume.add_parser("show", help="show one volume")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_volume_show)
+    p = volume.add_parser("rm", help="unregister a volume (the image file stays)")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_volume_rm)
+
+    p = sub.add_parser("probe-image", help="find the rootfs of an image file (no daemon needed)")
+    p.add_argument("path")
+    p.add_argument("--format", required=True, choices=["raw", "qcow2"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_probe_image)
+    for name, fn, help_text in (("export", cmd_export, "export a volume over NBD"),
+                                ("unexport", cmd_unexport, "remove a volume's NBD export"),
+                                ("probe", cmd_probe, "probe a volume through its export")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("name")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("mount", help="mount a volume's rootfs at RUN_DIR/rootfs/NAME")
+    p.add_argument("name")
+    p.add_argument("--mode", choices=["bind", "fuse"], default="bind")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_mount)
+    p = sub.add_parser("umount", help="tear a volume's rootfs mount down")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="lazy umount if busy")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_umount)
+
+    domain = sub.add_parser("domain", help="libvirt-lxc domains on gateway rootfs").add_subparsers(
+        dest="domain_command", required=True, parser_class=Parser)
+    p = domain.add_parser("start", help="mount the volume, define and start the domain")
+    add_domain_options(p)
+    p.add_argument("--release-host-view", action="store_true",
+                   help="drop the host's view of the rootfs once the container runs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_domain_start)
+    p = domain.add_parser("stop", help="destroy the domain and tear its mount down")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_domain_stop)
+    p = domain.add_parser("ls", help="list gateway domains")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_domain_ls)
+    p = domain.add_parser("xml", help="print the domain XML without starting anything")
+    add_domain_options(p)
+    p.set_defaults(fn=cmd_domain_xml)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub, {"volume": volume, "domain": domain})
+
+    p = sub.add_parser("metrics", help="Prometheus text exposition")
+    p.set_defaults(fn=cmd_metrics)
+    p = sub.add_parser("install-hook", help="install the libvirt lxc hook")
+    p.add_argument("--hooks-dir", default="/etc/libvirt/hooks")
+    p.add_argument("--no-chain", action="store_true",
+                   help="refuse instead of chaining to an existing foreign hook")
+    p.set_defaults(fn=cmd_install_hook)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.socket is None:
+        ns.socket = default_socket()
+    try:
+        return int(ns.fn(ns))
+    except GatewayError as exc:
+        print(f"gatewayctl: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gatewayctl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

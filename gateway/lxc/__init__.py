@@ -1,1 +1,0 @@
-"""libvirt-lxc building blocks: host preparation, libvirtd harness, domains, events and the hook."""
