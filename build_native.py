@@ -1,4 +1,8 @@
-"""Build the native probe (gateway.probe._native._probe) with cffi (out-of-line API), in place."""
+"""The native probe (gateway.probe._native._probe), built with cffi in out-of-line API mode.
+
+`python build_native.py` (make native) compiles it in place for a checkout; setup.py hands
+`ffibuilder` to setuptools, so pip install, pip wheel and sdist builds compile the same module.
+"""
 
 from __future__ import annotations
 
@@ -37,17 +41,25 @@ const char *probe_superblock(const uint8_t *buf, uint64_t have, uint64_t volume_
 """
 
 
-def make_ffi() -> FFI:
+def make_ffi(relative: bool = False) -> FFI:
+    """The one definition of the native module. `relative`: source paths relative to the project
+    root, as setuptools wants them when it builds a wheel or an sdist (`ffibuilder` below)."""
+    native = NATIVE.relative_to(ROOT) if relative else NATIVE
     ffi = FFI()
     ffi.cdef(CDEF)
     ffi.set_source(
         "gateway.probe._native._probe",
         '#include "probe.h"',
-        sources=[str(NATIVE / name) for name in SOURCES],
-        include_dirs=[str(NATIVE)],
+        sources=[str(native / name) for name in SOURCES],
+        include_dirs=[str(native)],
         extra_compile_args=["-O2", "-std=c11", "-D_DEFAULT_SOURCE", "-Wall", "-Wextra"],
     )
     return ffi
+
+
+# What setup.py's `cffi_modules=["build_native.py:ffibuilder"]` builds (pip install, pip wheel,
+# python -m build): the same definition as `make native`, which compiles in place.
+ffibuilder = make_ffi(relative=True)
 
 
 def main() -> int:

@@ -21,6 +21,7 @@ import pytest
 
 from gateway.host import loopdev, mounts
 from gateway.libvirt import domain
+from gateway.libvirt.hook import is_ours
 from gateway.testing.daemon import Daemon
 from gateway.testing.images import MARKER, ImageSet, copy_image
 from tests.libvirt_env import LibvirtEnv, libvirt_env
@@ -181,6 +182,7 @@ def test_demo_start_twice_then_stop(libvirt_env: LibvirtEnv, tmp_path: Path) -> 
     assert not run_dir_mounts(run_dir)
     assert not (run_dir / "gatewayd.pid").exists()
     assert mounts.is_mountpoint(libvirt_env.shared_dir)  # the session's shared dir stays
+    assert is_ours(run_dir / "hooks" / "lxc")  # it was there before `make run`: kept
 
 
 # Each dimension is covered in both modes: qcow2 and raw, partitioned (mbr, gpt) and whole disk.

@@ -178,8 +178,12 @@ def ensure_libvirtd(paths: Paths, record: dict[str, Any]) -> None:
     from gateway.libvirt import libvirtd
     from gateway.libvirt.hook import install_hook
 
+    hook = paths.hooks_dir / "lxc"
+    before = hook.read_text() if hook.is_file() and not hook.is_symlink() else None
     outcome = install_hook(paths.hooks_dir, str(paths.socket))
     say(f"libvirt lxc hook {outcome} in {paths.hooks_dir} (talks to {paths.socket})")
+    if outcome != "unchanged":  # what `make stop` puts back
+        record["hook"] = {"outcome": outcome, "before": before}
     hooks = None if paths.hooks_dir == DEFAULT_HOOKS_DIR else paths.hooks_dir
     rootfs_root = paths.run_dir / "rootfs"
     handle = libvirtd.ensure_libvirtd([rootfs_root], hooks_dir=hooks)
@@ -333,9 +337,31 @@ def stop(paths: Paths, name: str) -> None:
         say("libvirtd is no longer the one this demo started; leaving it alone")
     else:
         say("libvirtd was not started by this demo; leaving it running")
+    restore_hook(paths, record.pop("hook", None))
     for key in ("libvirtd_pid", "gatewayd_pid"):
         record.pop(key, None)
     _write_record(paths, record)
+
+
+def restore_hook(paths: Paths, installed: object) -> None:
+    """Leave the hooks dir as `make run` found it: a hook pointing at a socket nobody serves
+    would fail every gateway domain of a later libvirtd."""
+    from gateway.libvirt.hook import is_ours, uninstall_hook
+
+    if not isinstance(installed, dict):
+        return
+    hook = paths.hooks_dir / "lxc"
+    before = installed.get("before")
+    if installed.get("outcome") == "updated" and isinstance(before, str):
+        if is_ours(hook):
+            tmp = hook.with_name(".lxc.demo-restore")
+            tmp.write_text(before)
+            tmp.chmod(0o755)
+            os.replace(tmp, hook)
+            say(f"libvirt lxc hook in {paths.hooks_dir} put back as it was")
+        return
+    outcome = uninstall_hook(paths.hooks_dir)
+    say(f"libvirt lxc hook {outcome} in {paths.hooks_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
