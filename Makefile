@@ -10,7 +10,7 @@ APT_PACKAGES := qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit n
 	libclang-rt-14-dev procps
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv native run test lint typecheck pytest clean bench fuzz soak
+.PHONY: setup apt venv native run test test-fast lint typecheck pytest clean bench fuzz soak
 
 setup: apt venv native
 
@@ -45,6 +45,10 @@ pytest: setup
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test: setup lint typecheck pytest
+
+# The fast tier: pure cores and in-process tests, no gatewayd or libvirtd process (under a minute).
+test-fast: setup
+	$(PY) -m pytest -q -ra -p no:cacheprovider -m "not integration" $(PYTEST_ARGS)
 
 clean:
 	rm -rf build gateway/probe/_native/*.so gateway/probe/_native/_probe.c .pytest_cache .mypy_cache

@@ -197,7 +197,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax = axes[0][1]
     walls = r.get("concurrency", {}).get("wall", {})
     if walls:
-        xs = [int(k) for k in walls]
+        xs: list[float] = [int(k) for k in walls]
         ax.plot(xs, [median(v) * 1000 for v in walls.values()], "o-", label="gateway")
         floor = r["concurrency"].get("floor_syscalls_wall", {})
         if floor:
@@ -213,7 +213,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax = axes[1][0]
     sizes = r.get("size", {}).get("sizes", {})
     if sizes:
-        xs = [int(k) / (1 << 20) for k in sizes]
+        xs = [int(k) / (1 << 20) for k in sizes]  # MiB
         for kind in ("cold", "warm"):
             ax.plot(xs, [median(d[kind]) * 1000 for d in sizes.values()], "o-", label=kind)
         ax.set_xscale("log", base=2)

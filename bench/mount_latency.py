@@ -1,6 +1,6 @@
 """Mount latency: the gateway's rootfs mounts against the chains one would build by hand.
 
-    .venv/bin/python bench/mount_latency.py [--iterations 20] [--out bench/results] [--smoke]
+    .venv/bin/python -m bench.mount_latency [--iterations 20] [--out bench/results] [--smoke]
     make bench
 
 Sections, all in one run and one process tree (the host is shared and noisy, so every ratio
@@ -46,12 +46,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_report
-import mount_baselines
-
+from bench import bench_report, mount_baselines
 from gateway.admin.client import Client
 from gateway.attach.attachment import prepare_rootfs_root
 from gateway.host import loopdev, mounts

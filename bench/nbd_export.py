@@ -1,6 +1,6 @@
 """Export engine figures: attach latency, sequential read throughput, cache/aio settings.
 
-    .venv/bin/python bench/nbd_export.py [--size-mib 256] [--rounds 20]
+    .venv/bin/python -m bench.nbd_export [--size-mib 256] [--rounds 20]
 
 Attach latency: warm QSD (export + client connect + first 4 KiB read) versus starting one
 qemu-nbd per volume (start + connect + read). Throughput: whole-image sequential read through
@@ -14,14 +14,11 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import trio
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.nbd.client import NBDClient
 from gateway.nbd.nodes import ExportSpec, IOPolicy

@@ -1,11 +1,12 @@
 """Probes per second: the native probe in process vs pyparted vs `blkid -p`, on the same images.
 
-Run: .venv/bin/python bench/probe.py [--seconds N]   (builds its images in a temp directory)
+Run: .venv/bin/python -m bench.probe [--seconds N]   (builds its images in a temp directory)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 import tempfile
@@ -14,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import parted
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.probe.core import scan_file
 from gateway.testing.probe_images import build_probe_images
@@ -53,9 +52,9 @@ def main() -> int:
               f"{'vs parted':>11}{'reads':>7}")
         for name in IMAGES:
             path = cases[name].path
-            native = rate(lambda p=path: scan_file(p), args.seconds)
-            pyparted = rate(lambda p=path: with_parted(p), args.seconds)
-            blkid = rate(lambda p=path: with_blkid(p), args.seconds)
+            native = rate(functools.partial(scan_file, path), args.seconds)
+            pyparted = rate(functools.partial(with_parted, path), args.seconds)
+            blkid = rate(functools.partial(with_blkid, path), args.seconds)
             print(f"{name:<14}{native:>12.0f}{pyparted:>12.0f}{blkid:>12.0f}"
                   f"{native / pyparted:>10.1f}x{scan_file(path).reads:>7}")
     return 0

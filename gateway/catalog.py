@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import AlreadyExists, Conflict, GatewayError, NotFound
+from gateway.attach.journal import Entry, decode_all, encode
+from gateway.attach.states import AttachmentState, stored
+from gateway.errors import AlreadyExists, CatalogError, Conflict, NotFound
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: volumes with their pinned format and header facts.
@@ -78,13 +80,19 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE volumes ADD COLUMN file_ino INTEGER;
     """,
 )
-ORIGINS = ("registered", "overlay", "copy", "blank", "import", "pool")
+ORIGINS = ("registered", "overlay", "copy", "blank", "import", "pool", "snapshot")
 SCHEMA_VERSION = len(MIGRATIONS)
-JournalStep = tuple[str, dict[str, Any]]  # (step, detail) of an attachment journal entry
+JournalStep = tuple[str, dict[str, Any]]  # (step, detail) of an attachment journal entry, as stored
 
 
-class CatalogError(GatewayError):
-    code = "catalog-error"
+def _state_value(state: AttachmentState | str) -> str:
+    try:
+        value = AttachmentState(state)
+    except ValueError:
+        raise CatalogError(f"catalog: unknown attachment state {state!r}") from None
+    if value is AttachmentState.ABSENT:
+        raise CatalogError("catalog: an absent attachment has no row to hold its state")
+    return value.value
 
 
 def now() -> str:
@@ -126,15 +134,20 @@ class Volume:
 class AttachmentRecord:
     volume: str
     mode: str
-    state: str
+    state: AttachmentState
     rootfs: str
     window_start: int | None
     window_size: int | None
     created: str
-    steps: tuple[tuple[str, dict[str, Any]], ...] = ()
+    steps: tuple[tuple[str, dict[str, Any]], ...] = ()  # the journal as stored
+
+    @property
+    def entries(self) -> list[Entry]:
+        """The journal as typed records (gateway/attach/journal.py)."""
+        return decode_all(self.steps)
 
     def to_json(self) -> dict[str, Any]:
-        return {"mode": self.mode, "state": self.state, "rootfs": self.rootfs,
+        return {"mode": self.mode, "state": self.state.value, "rootfs": self.rootfs,
                 "window": None if self.window_start is None
                 else {"start": self.window_start, "size": self.window_size},
                 "since": self.created}
@@ -323,42 +336,53 @@ class Catalog:
     def exported(self) -> list[str]:
         return [r["volume"] for r in self._query("SELECT volume FROM exports ORDER BY volume")]
 
-    # Attachments and their journal.
+    # Attachments and their journal. The state column holds an AttachmentState's value (never
+    # ABSENT: no row); journal entries are given as typed records or as (step, detail) pairs.
     def begin_attachment(self, volume: str, mode: str, rootfs: str,
-                         steps: Sequence[JournalStep] = ()) -> None:
+                         steps: Sequence[JournalStep | Entry] = (), *,
+                         state: AttachmentState = AttachmentState.ATTACHING) -> None:
         """A new attachment row, with its first journal `steps`, in one transaction."""
+        value = _state_value(state)
         with self.transaction() as db:
             db.execute("DELETE FROM attachment_steps WHERE volume = ?", (volume,))
             db.execute("INSERT OR REPLACE INTO attachments (volume, mode, state, rootfs, created) "
-                       "VALUES (?, ?, 'attaching', ?, ?)", (volume, mode, rootfs, now()))
+                       "VALUES (?, ?, ?, ?, ?)", (volume, mode, value, rootfs, now()))
             self._add_steps(db, volume, steps)
 
-    def set_attachment(self, volume: str, *, state: str | None = None,
+    def set_attachment(self, volume: str, *, state: AttachmentState | str | None = None,
                        window: tuple[int, int] | None = None,
-                       steps: Sequence[JournalStep] = ()) -> None:
+                       steps: Sequence[JournalStep | Entry] = ()) -> None:
+        value = None if state is None else _state_value(state)
         with self.transaction() as db:
-            if state is not None:
-                db.execute("UPDATE attachments SET state = ? WHERE volume = ?", (state, volume))
+            if value is not None:
+                db.execute("UPDATE attachments SET state = ? WHERE volume = ?", (value, volume))
             if window is not None:
                 db.execute("UPDATE attachments SET window_start = ?, window_size = ? "
                            "WHERE volume = ?", (window[0], window[1], volume))
             self._add_steps(db, volume, steps)
 
-    def journal(self, volume: str, step: str, detail: dict[str, Any]) -> None:
-        self.journal_steps(volume, [(step, detail)])
+    def journal(self, volume: str, step: str | Entry,
+                detail: dict[str, Any] | None = None) -> None:
+        """Append one entry: a typed record, or a step name and its detail."""
+        if isinstance(step, str):
+            self.journal_steps(volume, [(step, detail or {})])
+        else:
+            self.journal_steps(volume, [step])
 
-    def journal_steps(self, volume: str, steps: Sequence[JournalStep]) -> None:
+    def journal_steps(self, volume: str, steps: Sequence[JournalStep | Entry]) -> None:
         """Append `steps` to the volume's attachment journal, in one transaction."""
         with self.transaction() as db:
             self._add_steps(db, volume, steps)
 
     @staticmethod
-    def _add_steps(db: sqlite3.Connection, volume: str, steps: Sequence[JournalStep]) -> None:
+    def _add_steps(db: sqlite3.Connection, volume: str,
+                   steps: Sequence[JournalStep | Entry]) -> None:
         if steps:
             at = now()
+            pairs = [s if isinstance(s, tuple) else encode(s) for s in steps]
             db.executemany("INSERT INTO attachment_steps (volume, step, detail, at) "
                            "VALUES (?,?,?,?)",
-                           [(volume, step, json.dumps(detail), at) for step, detail in steps])
+                           [(volume, step, json.dumps(detail), at) for step, detail in pairs])
 
     def end_attachment(self, volume: str) -> None:
         with self.transaction() as db:
@@ -371,7 +395,8 @@ class Catalog:
                 "SELECT step, detail FROM attachment_steps WHERE volume = ? ORDER BY id",
                 (row["volume"],)))
         return AttachmentRecord(
-            volume=row["volume"], mode=row["mode"], state=row["state"], rootfs=row["rootfs"],
+            volume=row["volume"], mode=row["mode"], state=stored(row["state"]),
+            rootfs=row["rootfs"],
             window_start=row["window_start"], window_size=row["window_size"],
             created=row["created"], steps=steps)
 

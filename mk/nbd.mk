@@ -11,4 +11,4 @@ nbd-lint:
 	.venv/bin/mypy
 
 nbd-bench:
-	$(PY) bench/nbd_export.py
+	$(PY) -m bench.nbd_export

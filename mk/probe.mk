@@ -9,4 +9,4 @@ probe-test: native
 	$(PY) -m pytest -q tests/test_probe.py tests/test_probe_native.py
 
 bench-probe: native
-	$(PY) bench/probe.py
+	$(PY) -m bench.probe

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "mount_latency.py"
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark mounts: needs root")
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "bench.mount_latency", "--smoke", "--out",
+                           str(out)], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, cwd=REPO)
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     results = json.loads((out / "latest.json").read_text())
     assert results["smoke"] is True

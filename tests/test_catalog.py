@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, CatalogError, Volume
-from gateway.errors import AlreadyExists, NotFound
+from gateway.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, Volume
+from gateway.errors import AlreadyExists, CatalogError, NotFound
 
 
 def vol(name: str, path: str = "/img/a.raw") -> Volume:

@@ -36,7 +36,7 @@ def nbdcopy(uri: str, out: Path) -> bytes:
     return out.read_bytes()
 
 
-async def read_all(uri: str) -> bytes:
+async def read_all(uri: str) -> bytearray:
     async with NBDClient.open(uri) as c:
         return await c.read_at(0, c.size)
 

@@ -134,11 +134,12 @@ def drain_server(conn: ServerConnection, out: list[Any], respond_ok: bool) -> No
                      else conn.respond_error(event.id, "bad", "no"))
             assert reply.endswith(b"\n") and reply.count(b"\n") == 1
             assert json.loads(reply)["id"] == event.id
-            assert conn.state is State.IDLE
+            # mypy keeps the narrowing of conn.state across the reply that changes it
+            assert conn.state is State.IDLE  # type: ignore[comparison-overlap]
         elif isinstance(event, BadRequest):
             assert conn.state is State.BUSY
             conn.respond_error(event.id, "bad-request", event.message)
-            assert conn.state is State.IDLE
+            assert conn.state is State.IDLE  # type: ignore[comparison-overlap]  # as above
         elif isinstance(event, Closed):
             assert conn.state is State.CLOSED
             return

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.testing.daemon import BIN, Daemon
+from gateway.testing.daemon import BIN, CtlResult, Daemon
 from gateway.testing.images import ImageSet
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+def one_line_error(proc: CtlResult) -> str:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -96,7 +96,9 @@ def test_bad_input_gets_one_line_and_leaves_catalog_unchanged(
             "already registered as volume keep",
         ("volume", "add", "Bad/..", str(raw), "--format", "raw"): "invalid volume name",
         ("volume", "add", "..", str(raw), "--format", "raw"): "invalid volume name",
-        ("volume", "add", "x", "relative.raw", "--format", "raw"): "must be absolute",
+        # gatewayctl resolves it against its working directory (the wire takes absolute paths
+        # only: tests/test_admin_surface.py)
+        ("volume", "add", "x", "relative.raw", "--format", "raw"): "/relative.raw: no such file",
         ("volume", "add", "x", str(empty), "--format", "raw"): "empty",
         ("volume", "add", "x", str(fifo), "--format", "raw"): "not a regular file or block device",
         ("volume", "show", "missing"): "no volume named missing",
@@ -145,13 +147,20 @@ def test_usage_error_is_one_line(gatewayd: Daemon) -> None:
 
 
 def test_sigint_and_sigterm_shut_down_in_order(tmp_path: Path) -> None:
+    """A signal ends gatewayd alone (an upgrade, `systemctl restart`): the data plane and QSD
+    stay, and the next gatewayd adopts them; `shutdown --all` ends everything."""
+    daemon = Daemon(state_dir=tmp_path / "s", run_dir=tmp_path / "r", log_path=tmp_path / "l")
     for sig in (signal.SIGINT, signal.SIGTERM):
-        daemon = Daemon(state_dir=tmp_path / "s", run_dir=tmp_path / "r", log_path=tmp_path / "l")
         daemon.start()
-        assert daemon.stop(sig) == 0
-        assert daemon.cleanup() == []
+        assert daemon.stop(sig, everything=False) == 0
         assert not daemon.socket.exists()
         assert '"msg": "gatewayd stopped"' in daemon.log_path.read_text()
+        staying = " ".join(daemon.leftovers())
+        assert "gateway.dataplane" in staying and "qemu-storage-daemon" in staying
+    daemon.start()
+    assert json.loads(daemon.ctl("status", "--json", check=True).stdout)["qsd"]["adopted"] == 1
+    assert daemon.stop() == 0
+    assert daemon.cleanup() == []
 
 
 def test_second_daemon_on_same_socket_refuses(gatewayd: Daemon, tmp_path: Path) -> None:

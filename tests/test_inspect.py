@@ -105,6 +105,7 @@ def test_raw_file_declared_qcow2_is_refused(tmp_path: Path) -> None:
         inspect_image("qcow2", *head(raw))
 
 
+@pytest.mark.root  # the lookalike names /etc/shadow, which qemu-img opens to create it
 def test_raw_declared_accepts_a_qcow2_lookalike(tmp_path: Path, plain_qcow2: Path) -> None:
     """A raw disk may hold anything, including a qcow2 header naming a host file."""
     overlay = tmp_path / "looks.qcow2"

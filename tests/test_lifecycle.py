@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.testing.daemon import Daemon
+from gateway.testing.daemon import CtlResult, Daemon
 from gateway.testing.images import MARKER, ImageSet, copy_image
 
 pytestmark = pytest.mark.timeout(180)
@@ -30,7 +30,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+def one_line_error(proc: CtlResult) -> str:
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from gateway.admin.client import call
-from gateway.errors import Conflict
 from gateway.testing.daemon import Daemon
 from gateway.testing.images import MARKER, ImageSet, copy_image, make_fs_image
 
@@ -61,7 +60,6 @@ def storm(daemon: Daemon, images: list[Path]) -> None:
     pid = daemon.proc.pid
     idle = proc_figures(pid)
     latencies: list[float] = []
-    retries: list[str] = []
     stop = threading.Event()
 
     def poll_status() -> None:
@@ -80,16 +78,10 @@ def storm(daemon: Daemon, images: list[Path]) -> None:
 
     def down(i: int) -> None:
         name = f"v{i:03d}"
-        for _ in range(50):
-            try:
-                call(daemon.socket, "umount", {"name": name})
-                break
-            except Conflict as exc:
-                # Known race (issue-8 report, BUG-5): the loop device's auto-clear releases the
-                # window file after umount(2) returns, so clear_window can still find it open.
-                assert "is open" in exc.message, exc.message
-                retries.append(name)
-                time.sleep(0.1)
+        # No retry: the loop device lets go of the window file after umount(2) returns (auto-
+        # clear, then FUSE RELEASE), and the teardown waits for that release (close_window)
+        # instead of failing with "rootfs is open" (issue-8 BUG-5, fixed in gatewayd).
+        call(daemon.socket, "umount", {"name": name})
         call(daemon.socket, "unexport", {"name": name})
         call(daemon.socket, "volume-remove", {"name": name})
 
@@ -121,7 +113,7 @@ def storm(daemon: Daemon, images: list[Path]) -> None:
     assert latencies
     figures = {
         "volumes": VOLUMES, "up_s": round(up_s, 2), "down_s": round(down_s, 2),
-        "idle": idle, "peak": peak, "after": after, "umount_retries": len(retries),
+        "idle": idle, "peak": peak, "after": after,
         "status_ms": {"n": len(latencies),
                       "p50": round(statistics.median(latencies) * 1000, 1),
                       "p95": round(percentile(latencies, 0.95) * 1000, 1),

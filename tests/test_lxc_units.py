@@ -27,16 +27,16 @@ def test_domain_xml_shape() -> None:
     root = ET.fromstring(xml)
     assert root.get("type") == "lxc"
     assert root.findtext("name") == "web-1"
-    assert root.findtext("memory") == "64" and root.find("memory").get("unit") == "MiB"
+    assert root.findtext("memory") == "64" and root.findall("memory")[0].get("unit") == "MiB"
     assert root.findtext("vcpu") == "2"
     assert root.findtext("os/type") == "exe"
     assert root.findtext("os/init") == "/bin/sh"
     assert [e.text for e in root.findall("os/initarg")] == ["-c", "echo hi"]
     fs = root.find("devices/filesystem")
     assert fs is not None and fs.get("type") == "mount"
-    assert fs.find("source").get("dir") == "/run/sg/rootfs/vol1"
-    assert fs.find("target").get("dir") == "/"
-    assert root.find("devices/console").get("type") == "pty"
+    assert fs.findall("source")[0].get("dir") == "/run/sg/rootfs/vol1"
+    assert fs.findall("target")[0].get("dir") == "/"
+    assert root.findall("devices/console")[0].get("type") == "pty"
     assert attachment_from_xml(xml) == ("vol1", "fuse")
     assert rootfs_from_xml(xml) == "/run/sg/rootfs/vol1"
 

@@ -58,7 +58,7 @@ async def test_concurrent_reads_and_writes_many_tasks(qsd: StorageDaemon,
             await c.write_at(off, data)
             model[off:off + len(data)] = data
         await c.flush()
-        results: dict[int, bytes] = {}
+        results: dict[int, bytes | bytearray] = {}
 
         async def read(off: int, n: int) -> None:
             results[off] = await c.read_at(off, n)
@@ -67,8 +67,8 @@ async def test_concurrent_reads_and_writes_many_tasks(qsd: StorageDaemon,
             for _ in range(300):
                 off = rng.randrange(0, size - 65536)
                 n.start_soon(read, off, rng.randrange(1, 65536))
-        for off, data in results.items():
-            assert data == bytes(model[off:off + len(data)])
+        for off, got in results.items():
+            assert got == bytes(model[off:off + len(got)])
         whole = await c.read_at(0, size)
         assert hashlib.sha256(whole).digest() == hashlib.sha256(model).digest()
         await c.zero(MIB, MIB)

@@ -76,8 +76,9 @@ def test_installed_gatewayctl_probes_with_the_native_core(installed: Path,
 
 def test_installed_gatewayd_answers_status(installed: Path, tmp_path: Path) -> None:
     top = tmp_path
-    argv = [installed / "gatewayd", "--state-dir", top / "state", "--run-dir", top / "run",
-            "--libvirt-uri", ""]
+    argv: list[str | os.PathLike[str]] = [
+        installed / "gatewayd", "--state-dir", top / "state", "--run-dir", top / "run",
+        "--libvirt-uri", ""]
     with open(top / "log", "wb") as log:
         proc = subprocess.Popen([os.fspath(a) for a in argv], stdout=log, stderr=log,
                                 stdin=subprocess.DEVNULL, cwd=top)

@@ -108,7 +108,7 @@ async def test_export_unexport_idempotence_and_unknown(daemon: StorageDaemon,
     with pytest.raises(NotFound):
         await daemon.unexport("nope")
     # teardown order: export deleted (event awaited), then the nodes top-down
-    tail = [c for c, _ in daemon.sent[-3:]]
+    tail = [c for c, _ in list(daemon.sent)[-3:]]
     assert tail == ["block-export-del", "blockdev-del", "blockdev-del"]
     assert any(e.name == "BLOCK_EXPORT_DELETED" for e in daemon.events)
     # exporting again after removal works, and nbdinfo can no longer see a removed export
@@ -253,7 +253,7 @@ async def test_cancellation_leaves_no_process_and_stale_state_is_cleaned(tmp_pat
                 assert pid is not None and pid != stale.pid
                 await sd.export(ExportSpec("x", str(make_raw(tmp_path / "x.raw")), "raw", True))
                 nursery.cancel_scope.cancel()
-        assert not alive(pid)
+        assert pid is not None and not alive(pid)
     finally:
         if stale.poll() is None:
             stale.kill()

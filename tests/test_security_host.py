@@ -22,7 +22,7 @@ import pytest
 from gateway.admin.client import call
 from gateway.errors import PermissionDenied
 from gateway.host import mounts
-from gateway.testing.daemon import Daemon
+from gateway.testing.daemon import CtlResult, Daemon
 from gateway.testing.images import MARKER, build_rootfs_tree, make_fs_image
 from tests.test_access import ensure_user
 
@@ -81,7 +81,7 @@ def ctl_json(daemon: Daemon, *args: str) -> dict[str, object]:
     return out
 
 
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+def one_line_error(proc: CtlResult) -> str:
     assert proc.returncode != 0, proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gatewayctl: "), proc.stderr
@@ -337,7 +337,7 @@ def test_status_says_when_the_admin_group_is_root_equivalent(top: Path) -> None:
 def test_jobs_never_starve_mounts(gw: Daemon, top: Path) -> None:
     """Finding 9: jobs shared trio's worker threads with mounts; 40 concurrent imports made an
     unrelated mount wait 120 s. Jobs now run at most JOB_THREADS at a time, on their own."""
-    from gateway.admin.service import JOB_THREADS
+    from gateway.admin.jobs import JOB_THREADS
     source = top / "images" / "noise.raw"
     with open(source, "wb") as f:
         f.write(os.urandom(48 << 20))  # not sparse: every copy really writes

@@ -40,7 +40,7 @@ def test_unit_content() -> None:
     s = unit_settings(render_unit())
     assert s["Type"] == ["notify"]
     assert s["NotifyAccess"] == ["main"]
-    assert s["KillMode"] == ["mixed"]  # SIGTERM to gatewayd alone: it stops its children in order
+    assert s["KillMode"] == ["process"]  # gatewayd alone: the data plane outlives a restart
     assert s["Restart"] == ["on-failure"]
     assert s["ExecStart"] == ["/usr/local/bin/gatewayd"]
     assert s["WantedBy"] == ["multi-user.target"]
@@ -61,7 +61,7 @@ def test_install_systemd_writes_the_unit(tmp_path: Path) -> None:
     assert exec_start[0] == str(BIN / "gatewayd")  # the gatewayd beside this gatewayctl
     assert exec_start[1:] == ["--admin-group", "sgw", "--allowed-roots",
                               "/srv/images:/var/lib/images"]
-    assert s["Type"] == ["notify"] and s["KillMode"] == ["mixed"]
+    assert s["Type"] == ["notify"] and s["KillMode"] == ["process"]
     assert os.stat(path).st_mode & 0o777 == 0o644
     assert f"{UNIT_NAME} installed at {path}" in proc.stdout
     assert "systemctl daemon-reload" in proc.stdout

@@ -25,7 +25,7 @@ import pytest
 
 from gateway.catalog import Volume
 from gateway.errors import FormatError, GatewayError, InvalidArgument
-from gateway.testing.daemon import Daemon
+from gateway.testing.daemon import CtlResult, Daemon
 from gateway.volumes import import_worker, lifecycle, tarball
 
 MIB = 1 << 20
@@ -292,7 +292,7 @@ def refused_direct(state: Path, source: Path, **kwargs: Any) -> str:
     return message
 
 
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+def one_line_error(proc: CtlResult) -> str:
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

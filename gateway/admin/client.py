@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from gateway import errors
 from gateway.admin.protocol import NEED_DATA, ClientConnection, Closed, ConnectionFailed, Response
 
-ERRORS_BY_CODE: dict[str, type[errors.GatewayError]] = {
-    cls.code: cls for cls in (
-        errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.Conflict,
-        errors.FormatError, errors.ProbeError, errors.PermissionDenied, errors.CommandError,
-        errors.BackendError, errors.DaemonUnavailable, errors.TooManyConnections)
-}
+# Seconds a client waits for a gatewayd that does not listen yet (a restart, an upgrade).
+CONNECT_WAIT = 5.0
+# Every code gatewayd can send, back to its class (errors.FAMILY has one class per code).
+ERRORS_BY_CODE: dict[str, type[errors.GatewayError]] = {cls.code: cls for cls in errors.FAMILY}
 
 
 def error_for(code: str, message: str) -> errors.GatewayError:
+    """The error an answer's code and message stand for (a code from a newer gatewayd keeps its
+    code on a plain GatewayError)."""
     cls = ERRORS_BY_CODE.get(code, errors.GatewayError)
     return cls(message, code=code)
 
@@ -25,29 +27,46 @@ def error_for(code: str, message: str) -> errors.GatewayError:
 class Client:
     """One connection; requests are answered in order."""
 
-    def __init__(self, socket_path: str | Path, timeout: float = 60.0) -> None:
+    def __init__(self, socket_path: str | Path, timeout: float = 60.0,
+                 wait: float | None = None) -> None:
+        """`wait`: seconds to keep trying while nothing listens (a gatewayd restarting); default
+        GATEWAY_CONNECT_WAIT or CONNECT_WAIT."""
         self.socket_path = str(socket_path)
         self._conn = ClientConnection()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._sock.settimeout(timeout)
+        deadline = time.monotonic() + (connect_wait() if wait is None else wait)
+        pause = 0.02
+        while True:
+            try:
+                self._sock = self._connect(timeout)
+                return
+            except errors.DaemonUnavailable:
+                if time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+    def _connect(self, timeout: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
         try:
-            self._sock.connect(self.socket_path)
+            sock.connect(self.socket_path)
         except FileNotFoundError as exc:
-            self._sock.close()
+            sock.close()
             raise errors.DaemonUnavailable(
                 f"gatewayd is not running (no socket at {self.socket_path})") from exc
         except ConnectionRefusedError as exc:
-            self._sock.close()
+            sock.close()
             raise errors.DaemonUnavailable(
                 f"gatewayd is not running (nothing listens on {self.socket_path})") from exc
         except PermissionError as exc:
-            self._sock.close()
+            sock.close()
             raise errors.PermissionDenied(
                 f"permission denied connecting to {self.socket_path}") from exc
         except OSError as exc:
-            self._sock.close()
+            sock.close()
             raise errors.DaemonUnavailable(
                 f"cannot reach gatewayd at {self.socket_path}: {exc.strerror}") from exc
+        return sock
 
     def close(self) -> None:
         self._sock.close()
@@ -82,6 +101,23 @@ class Client:
 
 
 def call(socket_path: str | Path, op: str, args: dict[str, Any] | None = None,
-         timeout: float = 60.0) -> Any:
-    with Client(socket_path, timeout=timeout) as client:
+         timeout: float = 60.0, wait: float | None = None) -> Any:
+    with Client(socket_path, timeout=timeout, wait=wait) as client:
         return client.call(op, args)
+
+
+def connect_wait() -> float:
+    """Seconds a client keeps trying to reach a gatewayd that is not listening (restarting):
+    GATEWAY_CONNECT_WAIT, else CONNECT_WAIT."""
+    value = os.environ.get("GATEWAY_CONNECT_WAIT")
+    if not value:
+        return CONNECT_WAIT
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise errors.InvalidArgument(f"GATEWAY_CONNECT_WAIT={value!r} is not a number of "
+                                     "seconds") from None
+    if not 0 <= seconds <= 3600:
+        raise errors.InvalidArgument(f"GATEWAY_CONNECT_WAIT: choose 0 to 3600 seconds, "
+                                     f"not {value}")
+    return seconds

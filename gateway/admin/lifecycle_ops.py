@@ -1,82 +1,59 @@
-"""Admin ops for the volume lifecycle: create (overlay, copy, blank), import, resize, jobs.
+"""Admin ops for the volume lifecycle: create (overlay, copy, blank), import, resize, pool
+volumes, snapshots and saved images, and jobs.
 
-The admin protocol is one request, one response. Long work (copy, blank, import) therefore runs
-as a job in the daemon: the op validates its arguments, reserves the name and answers at once with
-`{"job": ID}`; `job-status` reports `state` (running|done|failed), `progress` (0-100) and, at the
-end, the new volume or the error. gatewayctl polls it (a progress bar on a terminal, JSON lines
-with --json). Overlays are instant and answer with the volume directly. Jobs live in memory: a
-gatewayd stopped mid-job cancels it and removes its partial files.
+Long work (copy, blank, import, snapshot, save) runs as a job of the Gateway's JobTable
+(gateway.admin.jobs): the op validates its arguments, reserves the name and answers at once with
+the job; gatewayctl polls `job-status` (a progress bar on a terminal, JSON lines with --json) and
+`job-cancel` stops it. Overlays are instant and answer with the volume directly.
 
-Blocking work runs in worker threads; a cancelled job (daemon shutdown) sets the thread's cancel
-event, which kills qemu-img and stops extraction, and the partial files are removed.
+Snapshots and saves are point-in-time copies made inside QSD (gateway.volumes.snapshot) while the
+volume may be mounted and written: their job runs on the trio thread (it drives QSD over QMP) and
+holds only the source volume's lock for the copy, so other volumes mount meanwhile.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
+import os
 import threading
-import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from gateway.admin.service import Gateway, MountFlags, arg_bool, mount_flags, op
+from gateway.admin.args import Args, MountFlags, mount_flags
+from gateway.admin.gateway import Gateway
+from gateway.admin.jobs import Build
 from gateway.catalog import Volume
 from gateway.errors import (
     AlreadyExists,
+    Cancelled,
     Conflict,
     FormatError,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
-    first_gateway_error,
 )
 from gateway.export.manager import chain_spec
+from gateway.host import qemu_img
 from gateway.log import fields
-from gateway.volumes import lifecycle, register
+from gateway.nbd.backup import BackupTarget, Format
+from gateway.volumes import lifecycle, register, save, snapshot
 
 log = logging.getLogger("gateway.volumes.lifecycle")
-MAX_FINISHED_JOBS = 100
 READ_ONLY_FOR_OVERLAYS = "read_only_for_overlays"
-
-
-@dataclass
-class Job:
-    id: str
-    kind: str
-    volume: str
-    state: str = "running"
-    progress: float = 0.0
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
-    result: dict[str, Any] | None = None
-    error: dict[str, str] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"job": self.id, "kind": self.kind, "volume": self.volume, "state": self.state,
-                "progress": round(self.progress, 1), "result": self.result, "error": self.error,
-                "seconds": round((self.finished or time.time()) - self.started, 3)}
-
-
-JOBS: dict[str, Job] = {}
-RESERVED: set[str] = set()
-_ids = itertools.count(1)
 
 
 def _reserve(gw: Gateway, name: str) -> None:
     """Claim a new volume name until its job ends (no row, no file yet)."""
-    if name in RESERVED:
-        raise AlreadyExists(f"volume {name} is being created")
+    gw.jobs.reserve(name)
     try:
         gw.catalog.volume(name)
     except NotFound:
-        RESERVED.add(name)
         return
+    gw.jobs.release(name)
     raise AlreadyExists(f"volume {name} already exists")
 
 
@@ -86,14 +63,8 @@ def _reserve_image(gw: Gateway, name: str, fmt: str) -> Path:
     try:
         return lifecycle.new_image_path(gw.settings.state_dir, name, fmt)
     except BaseException:
-        RESERVED.discard(name)
+        gw.jobs.release(name)
         raise
-
-
-def _prune() -> None:
-    finished = [j for j in JOBS.values() if j.state != "running"]
-    for job in finished[:-MAX_FINISHED_JOBS]:
-        del JOBS[job.id]
 
 
 async def _register(gw: Gateway, volume: Volume) -> dict[str, Any]:
@@ -107,54 +78,12 @@ async def _register(gw: Gateway, volume: Volume) -> dict[str, Any]:
     return gw.volume_json(volume.name)
 
 
-Build = Callable[[Callable[[float], None], threading.Event], Volume]
-
-
-def start_job(gw: Gateway, kind: str, name: str, build: Build) -> dict[str, Any]:
-    """Run `build(progress, cancel)` in a worker thread as a job; the name is already reserved."""
-    job = Job(id=str(next(_ids)), kind=kind, volume=name)
-    JOBS[job.id] = job
-    _prune()
-    cancel = threading.Event()
-
-    def progress(percent: float) -> None:
-        job.progress = max(job.progress, min(100.0, percent))  # a float store: thread-safe
-
-    async def run() -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                async def watch_cancel() -> None:
-                    try:
-                        await trio.sleep_forever()
-                    finally:
-                        cancel.set()
-                nursery.start_soon(watch_cancel)
-                # Jobs have their own few worker threads: mounts never wait behind them.
-                volume = await trio.to_thread.run_sync(build, progress, cancel,
-                                                       limiter=gw.job_limiter)
-                nursery.cancel_scope.cancel()
-            async with gw.lock(name):
-                job.result = await _register(gw, volume)
-            job.progress = 100.0
-            job.state = "done"
-        except Exception as exc:
-            error = first_gateway_error(exc)
-            if error is None:
-                job.state, job.error = "failed", {"code": "internal", "message": str(exc)}
-                log.exception("job crashed", extra=fields(job=job.id, volume=name))
-            else:
-                job.state, job.error = "failed", {"code": error.code, "message": error.message}
-                log.warning("job failed", extra=fields(job=job.id, volume=name,
-                                                       error=error.message))
-        finally:
-            job.finished = time.time()
-            if job.state == "running":
-                job.state, job.error = "failed", {"code": "cancelled",
-                                                  "message": "gatewayd stopped"}
-            RESERVED.discard(name)
-
-    gw.exports.nursery.start_soon(run)
-    return job.to_json()
+def _start_job(gw: Gateway, kind: str, name: str, build: Build) -> dict[str, Any]:
+    """Run `build` as a job that registers its volume; the name is already reserved."""
+    async def finish(volume: Volume) -> dict[str, Any]:
+        async with gw.lock(name):
+            return await _register(gw, volume)
+    return gw.jobs.start(kind, name, build, finish).to_json()
 
 
 async def _create_overlay(gw: Gateway, name: str, base_name: str,
@@ -186,7 +115,7 @@ async def _create_overlay(gw: Gateway, name: str, base_name: str,
 
 def release_base(gw: Gateway, base_name: str) -> None:
     """After an overlay is removed: a base made read-only for overlays gets writable again when
-    its last overlay is gone (called by service.volume_remove)."""
+    its last overlay is gone (called by volume_ops.volume_remove)."""
     try:
         base = gw.catalog.volume(base_name)
     except NotFound:
@@ -196,71 +125,65 @@ def release_base(gw: Gateway, base_name: str) -> None:
         gw.catalog.update_volume(base_name, read_only=False, lineage=lineage)
 
 
-def _str(args: dict[str, Any], key: str, *, required: bool = False) -> str | None:
-    value = args.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(f"{key} must be a non-empty string")
-    return value
-
-
-@op("volume-create")
-async def volume_create(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
-    name = register.check_name(args.get("name"))
-    source = _str(args, "from")
-    flags = mount_flags(args)
-    if source is not None:
-        source = register.check_name(source)
-        overlay, copy = arg_bool(args, "overlay"), arg_bool(args, "copy")
-        if overlay == copy:
-            raise InvalidArgument("--from needs exactly one of --overlay or --copy")
-        if args.get("size") is not None or args.get("mkfs") is not None:
-            raise InvalidArgument("--size and --mkfs make a blank volume; not with --from")
-        if name == source:
-            raise InvalidArgument("a volume cannot be made from itself")
-        if overlay:
-            if args.get("format") not in (None, "qcow2"):
-                raise InvalidArgument("an overlay is always qcow2")
-            _reserve(gw, name)
-            try:
-                return {"volume": await _create_overlay(gw, name, source, flags)}
-            finally:
-                RESERVED.discard(name)
+async def _create_from(gw: Gateway, args: Args, name: str, source: str,
+                       flags: MountFlags) -> dict[str, Any]:
+    """An overlay (instant) or a copy (a job) of the registered volume `source`."""
+    overlay, copy = args.flag("overlay"), args.flag("copy")
+    if overlay == copy:
+        raise InvalidArgument("--from needs exactly one of --overlay or --copy")
+    if args.given("size") or args.given("mkfs"):
+        raise InvalidArgument("--size and --mkfs make a blank volume; not with --from")
+    if name == source:
+        raise InvalidArgument("a volume cannot be made from itself")
+    declared = args.opt_text("format")
+    if overlay:
+        if declared not in (None, "qcow2"):
+            raise InvalidArgument("an overlay is always qcow2")
         _reserve(gw, name)
         try:
-            fmt = register.check_format(args.get("format") or gw.catalog.volume(source).format)
-            async with gw.lock(source):
-                base = gw.catalog.volume(source)
-                await gw.exports.retire(source)
-                spec = chain_spec(gw.catalog, base, top=False)
-                if not base.read_only and (source in gw.catalog.exported()
-                                           or gw.catalog.attachment(source) is not None):
-                    raise Conflict(f"volume {source} is exported or mounted writable; umount "
-                                   "and unexport it before copying")
-            final = lifecycle.new_image_path(gw.settings.state_dir, name, fmt)
-        except BaseException:
-            RESERVED.discard(name)
-            raise
-        return start_job(gw, "copy", name, lambda progress, cancel: lifecycle.build_copy(
-            name, final, spec, fmt, progress=progress, cancel=cancel, **flags))
-    size = lifecycle.parse_size(args.get("size"))
-    fmt = register.check_format(args.get("format"))
-    fs = _str(args, "mkfs", required=True)
-    assert fs is not None
-    label = _str(args, "label")
-    partitioned = arg_bool(args, "partitioned")
+            return {"volume": await _create_overlay(gw, name, source, flags)}
+        finally:
+            gw.jobs.release(name)
+    _reserve(gw, name)
+    try:
+        fmt = declared or gw.catalog.volume(source).format
+        async with gw.lock(source):
+            base = gw.catalog.volume(source)
+            await gw.exports.retire(source)
+            spec = chain_spec(gw.catalog, base, top=False)
+            if not base.read_only and (source in gw.catalog.exported()
+                                       or gw.catalog.attachment(source) is not None):
+                raise Conflict(f"volume {source} is exported or mounted writable; umount "
+                               "and unexport it before copying")
+        final = lifecycle.new_image_path(gw.settings.state_dir, name, fmt)
+    except BaseException:
+        gw.jobs.release(name)
+        raise
+    return _start_job(gw, "copy", name, lambda progress, cancel: lifecycle.build_copy(
+        name, final, spec, fmt, progress=progress, cancel=cancel, **flags))
+
+
+async def volume_create(gw: Gateway, args: Args) -> dict[str, Any]:
+    name = args.text("name")
+    source = args.opt_text("from")
+    flags = mount_flags(args)
+    if source is not None:
+        return await _create_from(gw, args, name, source, flags)
+    size = args.number("size")
+    fmt = args.text("format")
+    fs = args.text("mkfs")
+    label = args.opt_text("label")
+    partitioned = args.flag("partitioned")
     lifecycle.check_blank(size, fmt, fs, label)
     final = _reserve_image(gw, name, fmt)
-    return start_job(gw, "blank", name, lambda progress, cancel: lifecycle.build_blank(
+    return _start_job(gw, "blank", name, lambda progress, cancel: lifecycle.build_blank(
         name, final, size, fmt, fs, label=label, partitioned=partitioned, progress=progress,
         cancel=cancel, **flags))
 
 
-@op("volume-import")
-async def volume_import(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
-    name = register.check_name(args.get("name"))
-    tarball = args.get("tarball")
+async def volume_import(gw: Gateway, args: Args) -> dict[str, Any]:
+    name = args.text("name")
+    tarball = args.text("tarball")
 
     def find() -> Path:  # path walks never run on the trio thread (it serves the block view)
         found = register.resolve_image_path(tarball, gw.settings.allowed_roots, gw.own_dirs)
@@ -268,34 +191,197 @@ async def volume_import(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
             raise NotFound(f"{tarball}: no such file")
         return found
     source = await trio.to_thread.run_sync(find)
-    size = lifecycle.parse_size(args.get("size"))
-    fmt = register.check_format(args.get("format") or "raw")
-    label = _str(args, "label")
-    partitioned = arg_bool(args, "partitioned")
+    size = args.number("size")
+    fmt = args.text("format")
+    label = args.opt_text("label")
+    partitioned = args.flag("partitioned")
     lifecycle.check_blank(size, fmt, "ext4", label)
-    final = _reserve_image(gw, name, fmt)
     flags = mount_flags(args)
+    final = _reserve_image(gw, name, fmt)
 
     def build(progress: Callable[[float], None], cancel: threading.Event) -> Volume:
         volume = lifecycle.build_import(name, final, source, size, fmt, label=label,
                                         partitioned=partitioned, progress=progress,
                                         cancel=cancel)
         return dataclasses.replace(volume, **flags)
-    return start_job(gw, "import", name, build)
+    return _start_job(gw, "import", name, build)
 
 
-@op("job-status")
-async def job_status(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
-    job = JOBS.get(str(args.get("id")))
-    if job is None:
-        raise NotFound(f"no job {args.get('id')}")
-    return job.to_json()
+# ---- snapshots and saved images ------------------------------------------------------------------
 
 
-@op("job-list")
-async def job_list(gw: Gateway, args: dict[str, Any]) -> list[dict[str, Any]]:
-    return [j.to_json() for j in JOBS.values()]
+def _pinned(fmt: str) -> Format:
+    return "qcow2" if register.check_format(fmt) == "qcow2" else "raw"
 
+
+def _qsd_job_id(kind: str) -> str:
+    """A QSD job id (a well-formed qemu id, unique in this QSD)."""
+    return f"gw-{kind}-{uuid.uuid4().hex[:12]}"
+
+
+async def _instant_of(gw: Gateway, name: str) -> tuple[str | None, Path | None, Path | None]:
+    """How volume `name` is used now (caller holds its lock): the attachment's mode (None: not
+    mounted), the bind mode's kernel mount RUN_DIR/mnt/NAME if it is there to freeze, and the
+    fuse mode's fuse2fs mount RUN_DIR/rootfs/NAME if it is there to sync. A released host view
+    leaves neither (the container's private copy of the mount is not the host's to freeze)."""
+    from gateway.attach import journal
+    from gateway.host import mounts
+    record = gw.catalog.attachment(name)
+    if record is None:
+        return None, None, None
+    if journal.host_view_released(record.entries):
+        return record.mode, None, None
+    mnt = gw.settings.run_dir / "mnt" / name
+    rootfs = gw.settings.run_dir / "rootfs" / name
+
+    def look() -> tuple[Path | None, Path | None]:  # mountinfo: never on the trio thread
+        kernel = mnt if record.mode == "bind" and mounts.is_mountpoint(mnt) else None
+        fuse = rootfs if record.mode == "fuse" and mounts.is_mountpoint(rootfs) else None
+        return kernel, fuse
+    kernel, fuse = await trio.to_thread.run_sync(look)
+    return record.mode, kernel, fuse
+
+
+async def _copy_now(gw: Gateway, name: str, target: BackupTarget,
+                    progress: Callable[[float], None], cancel: trio.Event) -> snapshot.Taken:
+    """The point-in-time copy of `name` into `target` (caller holds the volume lock)."""
+    mode, kernel, fuse = await _instant_of(gw, name)
+    return await snapshot.take(gw.exports, name, target, mounted=mode, kernel_mount=kernel,
+                               fuse_mount=fuse, progress=progress, cancel=cancel,
+                               on_freeze=gw.metrics.observe_freeze)
+
+
+def _remove_files(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _snapshot_volume(name: str, partial: Path, final: Path, fmt: str, source: Volume,
+                     lineage: dict[str, Any]) -> Volume:
+    """Blocking: the copied image renamed into place and checked like `volume add` (the header
+    inspector, through lifecycle.registered), as a row inheriting the source's mount flags and
+    pinned filesystem type."""
+    if final.exists():
+        raise AlreadyExists(f"{final} already exists")
+    os.rename(partial, final)
+    volume = lifecycle.registered(name, final, fmt, origin="snapshot", lineage=lineage,
+                                  nosuid=source.nosuid, noexec=source.noexec)
+    if volume.virtual_size != source.virtual_size:
+        raise FormatError(f"snapshot {name}: the image is {volume.virtual_size} bytes, not "
+                          f"{source.virtual_size}")
+    return dataclasses.replace(volume, fstype=source.fstype)
+
+
+async def volume_snapshot(gw: Gateway, args: Args) -> dict[str, Any]:
+    """A point-in-time copy of a volume, mounted and written or not, registered as a new volume
+    (origin "snapshot", format pinned, lineage: what it is a snapshot of, when, how consistent,
+    how long the filesystem was frozen). A crash-consistent snapshot is marked for a filesystem
+    check before its first fuse-mode mount."""
+    name, new = args.text("name"), args.text("to")
+    if new == name:
+        raise InvalidArgument("a snapshot needs a new volume name (--to), not its source's")
+    fmt = _pinned(args.opt_text("format") or gw.catalog.volume(name).format)
+    rate = args.opt_number("rate_limit")
+    final = _reserve_image(gw, new, fmt)
+    partial = final.with_name(f".{final.name}.partial")
+
+    async def body(progress: Callable[[float], None], cancel: trio.Event) -> dict[str, Any]:
+        try:
+            async with gw.lock(name):
+                source = gw.catalog.volume(name)
+                await trio.to_thread.run_sync(lambda: qemu_img.create(
+                    partial, fmt, source.virtual_size))
+                target = BackupTarget(job_id=_qsd_job_id("snap"), path=str(partial), fmt=fmt,
+                                      rate_limit=rate)
+                taken = await _copy_now(gw, name, target, progress, cancel)
+            when = taken.to_json()
+            lineage = {"snapshot_of": name, **when, "layers": [], "source": name,
+                       "params": {"format": fmt, "source_format": source.format},
+                       "summary": f"snapshot of {name} at {when['at']} ({taken.consistency})"}
+            volume = await trio.to_thread.run_sync(lambda: _snapshot_volume(
+                new, partial, final, fmt, source, lineage))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_remove_files, partial, final)
+            raise
+        async with gw.lock(new):
+            if cancel.is_set():  # told to stop after the copy: not registered
+                await trio.to_thread.run_sync(_remove_files, final)
+                raise Cancelled(f"snapshot {new} cancelled")
+            result = await _register(gw, volume)
+            if taken.consistency == snapshot.CRASH_CONSISTENT:
+                gw.catalog.set_fsck_needed(new, True)
+        gw.metrics.count_snapshot(taken.consistency)
+        log.info("snapshot taken", extra=fields(volume=new, source=name, format=fmt, **when))
+        return result
+
+    try:
+        return gw.jobs.start_async("snapshot", new, body).to_json()
+    except BaseException:
+        gw.jobs.release(new)
+        raise
+
+
+async def volume_save(gw: Gateway, args: Args) -> dict[str, Any]:
+    """A volume written out as an image file (format pinned by the request, qcow2 optionally
+    compressed) under the allowed roots: a point-in-time copy like a snapshot, into a file made
+    by gatewayd (gateway.volumes.save), checked by the header inspector, then published under
+    its name; an existing file is replaced only with `force`."""
+    name, file = args.text("name"), args.text("file")
+    fmt = _pinned(args.text("format"))
+    compress, force = args.flag("compress"), args.flag("force")
+    rate = args.opt_number("rate_limit")
+    if compress and fmt != "qcow2":
+        raise InvalidArgument("--compress needs --format qcow2")
+    gw.catalog.volume(name)
+    out = await trio.to_thread.run_sync(lambda: save.create_output(
+        file, allowed_roots=gw.settings.allowed_roots, forbidden=gw.own_dirs, force=force))
+
+    async def body(progress: Callable[[float], None], cancel: trio.Event) -> dict[str, Any]:
+        try:
+            async with gw.lock(name):
+                source = gw.catalog.volume(name)
+                await trio.to_thread.run_sync(save.format_output, out, fmt, source.virtual_size)
+                target = BackupTarget(job_id=_qsd_job_id("save"), path=out.proc_path, fmt=fmt,
+                                      compress=compress, rate_limit=rate)
+                taken = await _copy_now(gw, name, target, progress, cancel)
+            size = await trio.to_thread.run_sync(save.check_output, out, fmt,
+                                                 source.virtual_size)
+            if cancel.is_set():
+                raise Cancelled(f"save of {name} cancelled")
+            await trio.to_thread.run_sync(out.publish)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(out.remove)
+            raise
+        finally:
+            out.close()
+        gw.metrics.count_snapshot(taken.consistency)
+        log.info("volume saved", extra=fields(volume=name, file=str(out.path), format=fmt,
+                                              compress=compress, **taken.to_json()))
+        return {"name": name, "file": str(out.path), "format": fmt, "compress": compress,
+                "virtual_size": source.virtual_size, "bytes": size, **taken.to_json()}
+
+    try:
+        return gw.jobs.start_async("save", name, body, reserved=False).to_json()
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(out.remove)
+        raise
+
+
+async def job_status(gw: Gateway, args: Args) -> dict[str, Any]:
+    return gw.jobs.get(args.text("id")).to_json()
+
+
+async def job_cancel(gw: Gateway, args: Args) -> dict[str, Any]:
+    """Stop a running job: its worker is told to stop (qemu-img and the import worker are
+    killed); the job then ends "failed" with code "cancelled" and leaves no file behind."""
+    return gw.jobs.cancel(args.text("id")).to_json()
+
+
+async def job_list(gw: Gateway, args: Args) -> list[dict[str, Any]]:
+    return [j.to_json() for j in gw.jobs.list()]
 
 
 async def _grow_filesystem(gw: Gateway, name: str) -> dict[str, Any]:
@@ -319,11 +405,11 @@ async def _grow_filesystem(gw: Gateway, name: str) -> dict[str, Any]:
         fs = found.rootfs.fs or "unknown"
         if fs not in ("ext2", "ext3", "ext4"):
             return {"fs": fs, "grown": False, "table": table}
-        view.set_window(name, found.rootfs.start, found.rootfs.size)
+        await view.set_window(name, found.rootfs.start, found.rootfs.size)
         try:
             await trio.to_thread.run_sync(mkfs.resize_ext4, blk / "rootfs")
         finally:
-            view.clear_window(name)
+            await view.close_window(name)
         await export.backend.flush()
         return {"fs": fs, "grown": True, "table": table}
     finally:
@@ -332,13 +418,12 @@ async def _grow_filesystem(gw: Gateway, name: str) -> dict[str, Any]:
                 await gw.exports.close(name)
 
 
-@op("volume-resize")
-async def volume_resize(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+async def volume_resize(gw: Gateway, args: Args) -> dict[str, Any]:
     """Grow a volume's image (qemu-img resize -f PINNED) and then its filesystem: ext4 offline
     through the block view; xfs online (mounted by the gateway for xfs_growfs)."""
     from gateway.host import imagefile, mkfs, qemu_img
-    name = register.check_name(args.get("name"))
-    size = lifecycle.parse_size(args.get("size"))
+    name = args.text("name")
+    size = args.number("size")
     async with gw.lock(name):
         volume = gw.catalog.volume(name)
         if size < volume.virtual_size:
@@ -373,36 +458,29 @@ async def volume_resize(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
     return {**gw.volume_json(name), "filesystem": grown}
 
 
-@op("volume-add-pool")
-async def volume_add_pool(gw: Gateway, args: dict[str, Any]) -> dict[str, Any]:
+async def volume_add_pool(gw: Gateway, args: Args) -> dict[str, Any]:
     """`volume add` for a libvirt pool volume: the path comes from libvirt; the format is the
     admin's, and must agree with what the pool says (dir pools probe formats: never trusted
     alone). The libvirt connection is gatewayd's own: a request cannot name a URI (a URI's
-    transport can run a program as root)."""
+    transport can run a program as root; args refuses the key)."""
     from gateway.libvirt import pools
     from gateway.libvirt.connection import DEFAULT_URI
-    name = register.check_name(args.get("name"))
-    if "uri" in args:
-        raise PermissionDenied("a request cannot name a libvirt URI; gatewayd uses its own "
-                               "(--libvirt-uri)")
-    pool = _str(args, "pool", required=True)
-    vol = _str(args, "vol", required=True)
-    declared = _str(args, "format")
+    name = args.text("name")
+    pool, vol = args.text("pool"), args.text("vol")
+    declared = args.opt_text("format")
     if declared is None:
         raise InvalidArgument("--format is required for a pool volume (libvirt's dir pools "
                               "guess formats; the gateway pins only what the admin declares)")
-    declared = register.check_format(declared)
     flags = mount_flags(args)
-    fstype = register.check_fstype(args.get("fstype"))
+    fstype, read_only = args.opt_text("fstype"), args.flag("read_only")
     uri = pools.check_uri(gw.libvirt_uri or DEFAULT_URI)
-    assert pool is not None and vol is not None
     async with gw.lock(name):
         found = await trio.to_thread.run_sync(pools.resolve, uri, pool, vol)
         if found.format != declared:
             raise FormatError(f"pool {pool} volume {vol}: libvirt says {found.format}, the "
                               f"admin declared {declared}; refusing to pin either")
         checked = await trio.to_thread.run_sync(lambda: register.examine(
-            name, found.path, declared, read_only=arg_bool(args, "read_only"), fstype=fstype,
+            name, found.path, declared, read_only=read_only, fstype=fstype,
             allowed_roots=gw.settings.allowed_roots, forbidden=gw.own_dirs, **flags))
         volume = dataclasses.replace(checked, origin="pool", lineage={
             "layers": [], "source": found.to_json(), "params": {"format": declared}})

@@ -30,7 +30,15 @@ from gateway.admin.protocol import (
     Request,
     ServerConnection,
 )
-from gateway.errors import GatewayError, PermissionDenied, TooManyConnections
+from gateway.errors import (
+    Conflict,
+    GatewayError,
+    InternalError,
+    InvalidArgument,
+    MalformedRequest,
+    PermissionDenied,
+    TooManyConnections,
+)
 from gateway.log import fields
 
 log = logging.getLogger("gateway.admin")
@@ -81,8 +89,7 @@ class AccessPolicy:
             try:
                 self.gid = grp.getgrnam(admin_group).gr_gid
             except KeyError as exc:
-                raise GatewayError(f"admin group {admin_group} does not exist",
-                                   code="invalid-argument") from exc
+                raise InvalidArgument(f"admin group {admin_group} does not exist") from exc
 
     def check(self, peer: Peer) -> None:
         if peer.uid == 0:
@@ -132,7 +139,7 @@ class AdminServer:
             except OSError:
                 self.path.unlink()  # stale socket from a previous run
             else:
-                raise GatewayError(f"another gatewayd is serving {self.path}", code="conflict")
+                raise Conflict(f"another gatewayd is serving {self.path}")
             finally:
                 probe.close()
         return trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -258,7 +265,8 @@ class AdminServer:
             if isinstance(event, (Closed, ConnectionFailed)):
                 return
             if isinstance(event, BadRequest):
-                await stream.send_all(proto.respond_error(event.id, "bad-request", event.message))
+                await stream.send_all(proto.respond_error(event.id, MalformedRequest.code,
+                                                          event.message))
                 continue
             assert isinstance(event, Request)
             await stream.send_all(await self._answer(proto, event, peer))
@@ -267,11 +275,15 @@ class AdminServer:
         try:
             result = await self.handler(request, peer)
         except GatewayError as exc:
-            log.info("request failed",
-                     extra=fields(op=request.op, code=exc.code, error=exc.message))
+            if isinstance(exc, InternalError):  # a bug, not the request's fault: keep the trace
+                log.exception("request hit an internal error",
+                              extra=fields(op=request.op, error=exc.message))
+            else:
+                log.info("request failed",
+                         extra=fields(op=request.op, code=exc.code, error=exc.message))
             return proto.respond_error(request.id, exc.code, exc.message)
         except Exception as exc:
             log.exception("request crashed", extra=fields(op=request.op))
-            return proto.respond_error(request.id, "internal",
+            return proto.respond_error(request.id, InternalError.code,
                                        f"internal error in {request.op}: {type(exc).__name__}")
         return proto.respond(request.id, result)

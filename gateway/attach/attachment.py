@@ -14,7 +14,8 @@ Modes:
 
 Journal: before each step the caller's `journal(step, detail)` is called with
 detail["phase"] == "start", and right after with "done" and the result (the loop device, the
-fuse2fs pid). Steps: "loop", "mount", "bind", "fuse2fs". reconcile() reads these entries back.
+fuse2fs pid). Steps: "loop", "mount", "bind", "fsck", "fuse2fs": the typed records of
+gateway/attach/journal.py, passed on encoded. reconcile() reads these entries back.
 
 Loop devices are attached with auto-clear: they vanish when the filesystem on them is unmounted.
 detach(keep_loop=True) holds the device open across the umount instead and hands it back as a
@@ -30,6 +31,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.attach import journal as records
+from gateway.attach.journal import BindStep, FsckStep, Fuse2fsStep, LoopStep, MountStep, Phase
 from gateway.errors import (
     BackendError,
     Conflict,
@@ -37,10 +40,11 @@ from gateway.errors import (
     GatewayError,
     InvalidArgument,
     NotFound,
+    TeardownError,
 )
 from gateway.host import fuse2fs, loopdev, mkfs, mounts
 
-Journal = Callable[[str, dict[str, object]], None]
+Journal = Callable[[str, dict[str, object]], None]  # (step, detail): an encoded journal.Entry
 JournalEntry = tuple[str, Mapping[str, object]]
 
 BIND = "bind"
@@ -52,10 +56,12 @@ def _no_journal(step: str, detail: dict[str, object]) -> None:
     return None
 
 
-class TeardownIncomplete(BackendError):
-    """Teardown finished but pieces of the volume remain; `.remains` lists them."""
+def _note(journal: Journal, entry: records.Entry) -> None:
+    journal(*records.encode(entry))
 
-    code = "teardown-incomplete"
+
+class TeardownIncomplete(TeardownError):
+    """Teardown finished but pieces of the volume remain; `.remains` lists them."""
 
     def __init__(self, volume: str, remains: list[str]) -> None:
         super().__init__(f"attachment {volume}: teardown left {len(remains)} item(s): "
@@ -103,6 +109,8 @@ class RunLayout:
 def private_dir(path: Path, mode: int = 0o700) -> None:
     """`path` as a root-owned directory with exactly `mode` (made, or fixed if it exists)."""
     path.mkdir(mode=mode, parents=True, exist_ok=True)
+    if os.path.ismount(path):
+        return  # a mount's root (the data plane's block view) has the modes its server gives
     st = os.lstat(path)
     if (st.st_mode & 0o7777) != mode or st.st_uid != 0:
         os.chown(path, 0, 0, follow_symlinks=False)
@@ -255,8 +263,8 @@ def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
     try:
         dev_fd = -1
         if standby is not None:
-            journal("loop", {"phase": "start", "file": str(window), "read_only": read_only,
-                             "standby": standby.device})
+            _note(journal, LoopStep(Phase.START, file=str(window), read_only=read_only,
+                                    standby=standby.device))
             if standby.read_only != read_only or loopdev.backing_file(standby.device) != str(
                     window):
                 raise Conflict(f"attachment {volume}: standby {standby.device} no longer "
@@ -264,28 +272,28 @@ def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
             if not standby_cache:
                 loopdev.drop_cache(standby.fd)
             att.loop = device = standby.device
-            journal("loop", {"phase": "done", "file": str(window), "device": device,
-                             "cache": standby_cache})
+            _note(journal, LoopStep(Phase.DONE, file=str(window), device=device,
+                                    cache=standby_cache))
         elif device is None:
-            journal("loop", {"phase": "start", "file": str(window), "read_only": read_only})
+            _note(journal, LoopStep(Phase.START, file=str(window), read_only=read_only))
             loop, dev_fd = loopdev.attach(window, read_only=read_only)
             att.loop = device = loop.path
-            journal("loop", {"phase": "done", "file": str(window), "device": loop.path})
+            _note(journal, LoopStep(Phase.DONE, file=str(window), device=loop.path))
         try:
             data = _ext_mount_data(volume, device, fstype, data)
-            journal("mount", {"phase": "start", "device": device, "target": str(mnt),
-                              "fstype": fstype, "flags": flags, "data": data})
+            _note(journal, MountStep(Phase.START, device=device, target=str(mnt),
+                                     fstype=fstype, flags=flags, data=data))
             mounts.mount(device, mnt, fstype, flags, data)
             att.mnt = mnt
-            journal("mount", {"phase": "done", "device": device, "target": str(mnt)})
+            _note(journal, MountStep(Phase.DONE, device=device, target=str(mnt)))
         finally:
             if dev_fd >= 0:
                 os.close(dev_fd)  # the mount holds the device now; auto-clear frees it on umount
             if standby is not None:
                 standby.close()
-        journal("bind", {"phase": "start", "source": str(mnt), "target": str(target)})
+        _note(journal, BindStep(Phase.START, source=str(mnt), target=str(target)))
         mounts.bind(mnt, target, read_only=read_only, nosuid=nosuid, noexec=noexec)
-        journal("bind", {"phase": "done", "target": str(target)})
+        _note(journal, BindStep(Phase.DONE, target=str(target)))
     except BaseException:
         if standby is not None:
             standby.close()
@@ -309,14 +317,14 @@ def attach_fuse(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
     if not read_only:
         # fuse2fs neither replays a journal nor survives a crash cleanly (bitmaps live in its
         # memory): let e2fsck replay and preen first, as a boot would.
-        journal("fsck", {"phase": "start", "image": str(window)})
+        _note(journal, FsckStep(Phase.START, image=str(window)))
         code = mkfs.preen_ext(window, repair=force_fsck, timeout=timeout * 20)
-        journal("fsck", {"phase": "done", "exit": code})
-    journal("fuse2fs", {"phase": "start", "image": str(window), "target": str(target)})
+        _note(journal, FsckStep(Phase.DONE, exit=code))
+    _note(journal, Fuse2fsStep(Phase.START, image=str(window), target=str(target)))
     handle = fuse2fs.start(window, target, fstype, read_only=read_only, nosuid=nosuid,
                            noexec=noexec, timeout=timeout, stderr_path=stderr_path,
                            confine=lay.rootfs_root)
-    journal("fuse2fs", {"phase": "done", "pid": handle.pid, "target": str(target)})
+    _note(journal, Fuse2fsStep(Phase.DONE, pid=handle.pid, target=str(target)))
     return Attachment(volume, FUSE, lay.run_dir, target, fuse=handle)
 
 
@@ -437,24 +445,14 @@ class ReconcileReport:
         self.errors += other.errors
 
 
-def _journal_facts(entries: Iterable[JournalEntry]) -> tuple[set[str], set[int]]:
-    loops: set[str] = set()
-    pids: set[int] = set()
-    for step, detail in entries:
-        if step == "loop" and isinstance(detail.get("device"), str):
-            loops.add(str(detail["device"]))
-        elif step == "mount" and isinstance(detail.get("device"), str):
-            loops.add(str(detail["device"]))
-        elif step == "fuse2fs":
-            pid = detail.get("pid")
-            if isinstance(pid, int) and not isinstance(pid, bool) and pid > 1:
-                pids.add(pid)  # only a hint: _stop_fuse2fs checks who the pid is now
-    return {d for d in loops if os.path.basename(d).startswith("loop")}, pids
+def _kept(path: str, keep: Iterable[Path]) -> bool:
+    return any(path == str(k) or path.startswith(str(k) + "/") for k in keep)
 
 
-def _unmount_all(root: Path, report: ReconcileReport, *, keep_root: bool = False) -> None:
+def _unmount_all(root: Path, report: ReconcileReport, *, keep_root: bool = False,
+                 keep: Iterable[Path] = ()) -> None:
     for m in mounts.mounts_under(root):
-        if keep_root and m.mount_point == str(root):
+        if (keep_root and m.mount_point == str(root)) or _kept(m.mount_point, keep):
             continue
         report.found.append(f"mount {m.mount_point} ({m.fstype} from {m.source})")
         path = Path(m.mount_point)
@@ -469,11 +467,12 @@ def _unmount_all(root: Path, report: ReconcileReport, *, keep_root: bool = False
                 report.errors.append(f"umount {path}: {exc2}")
 
 
-def _detach_loops(devs: Iterable[str], under: Path, report: ReconcileReport) -> None:
+def _detach_loops(devs: Iterable[str], under: Path, report: ReconcileReport, *,
+                  keep: Iterable[Path] = ()) -> None:
     prefix = str(under).rstrip("/") + "/"
     for dev in sorted(set(devs)):
         backing = loopdev.backing_file(dev)
-        if backing is None or not backing.startswith(prefix):
+        if backing is None or not backing.startswith(prefix) or _kept(backing, keep):
             continue
         report.found.append(f"loop {dev} on {backing}")
         try:
@@ -484,7 +483,7 @@ def _detach_loops(devs: Iterable[str], under: Path, report: ReconcileReport) -> 
 
 
 def _stop_fuse2fs(pids: Iterable[int], under: Path, report: ReconcileReport, *,
-                  rootfs_root: Path) -> None:
+                  rootfs_root: Path, keep: Iterable[Path] = ()) -> None:
     """Stop the journalled `pids` and the fuse2fs processes mounted at or below `under`, but
     only trusted ones (root's, the real binary) whose mount target lies below `rootfs_root`:
     anything else (another user's look-alike, root's own fuse2fs elsewhere) is not ours."""
@@ -494,6 +493,8 @@ def _stop_fuse2fs(pids: Iterable[int], under: Path, report: ReconcileReport, *,
         if proc is None or proc.target is None or not (
                 proc.target == str(under) or proc.target.startswith(str(under) + "/")):
             continue  # gone, not trusted, or mounted elsewhere: the pid is someone else's
+        if _kept(proc.target, keep):
+            continue  # an adopted attachment's
         handle = fuse2fs.adopt(pid, proc.target, confine=rootfs_root)
         if handle is None:
             continue
@@ -506,7 +507,7 @@ def _stop_fuse2fs(pids: Iterable[int], under: Path, report: ReconcileReport, *,
 
 
 def reconcile(run_dir: str | os.PathLike[str], volume: str,
-              entries: Iterable[JournalEntry] = ()) -> ReconcileReport:
+              entries: Iterable[JournalEntry | records.Entry] = ()) -> ReconcileReport:
     """Tear down what a crashed daemon left of `volume`'s attachment, guided by its journal.
 
     Adopting a still-sound attachment is impossible: the block view died with the daemon, so
@@ -518,7 +519,8 @@ def reconcile(run_dir: str | os.PathLike[str], volume: str,
     """
     lay = _layout(run_dir, volume)
     report = ReconcileReport()
-    loops, pids = _journal_facts(entries)
+    journal = records.decode_all(entries)
+    loops, pids = records.loop_devices(journal), records.fuse2fs_pids(journal)
     _unmount_all(lay.rootfs(volume), report)
     _unmount_all(lay.mnt(volume), report)
     _detach_loops(loops | set(loopdev.devices_backed_by(lay.volume_dir(volume))),
@@ -528,19 +530,22 @@ def reconcile(run_dir: str | os.PathLike[str], volume: str,
     return report
 
 
-def sweep(run_dir: str | os.PathLike[str], *, block_view: bool = True) -> ReconcileReport:
+def sweep(run_dir: str | os.PathLike[str], *, block_view: bool = True,
+          keep: Iterable[str] = ()) -> ReconcileReport:
     """Remove leftovers in no journal: mounts under RUN_DIR/mnt and RUN_DIR/rootfs (the shared
     rootfs root itself stays), loop devices on files under RUN_DIR/blk, trusted fuse2fs processes
     mounted below RUN_DIR/rootfs (never a look-alike, nor a mount elsewhere), and
     (block_view=True) a stale FUSE mount at RUN_DIR/blk. A block view that still answers is left
-    alone and reported: it belongs to a live daemon.
+    alone and reported: it belongs to a live data plane. The attachments of the `keep` volumes
+    (adopted by a restarted gatewayd) are left as they are.
     """
     lay = _layout(run_dir)
     report = ReconcileReport()
-    _unmount_all(lay.rootfs_root, report, keep_root=True)
-    _unmount_all(lay.mnt_root, report)
-    _detach_loops(loopdev.devices_backed_by(lay.blk), lay.blk, report)
-    _stop_fuse2fs((), lay.rootfs_root, report, rootfs_root=lay.rootfs_root)
+    kept = [p for v in keep for p in (lay.rootfs(v), lay.mnt(v), lay.volume_dir(v))]
+    _unmount_all(lay.rootfs_root, report, keep_root=True, keep=kept)
+    _unmount_all(lay.mnt_root, report, keep=kept)
+    _detach_loops(loopdev.devices_backed_by(lay.blk), lay.blk, report, keep=kept)
+    _stop_fuse2fs((), lay.rootfs_root, report, rootfs_root=lay.rootfs_root, keep=kept)
     live_view = False
     if block_view and mounts.is_mountpoint(lay.blk):
         try:
@@ -555,12 +560,49 @@ def sweep(run_dir: str | os.PathLike[str], *, block_view: bool = True) -> Reconc
             _unmount_all(lay.blk, stale)
             report.done += stale.done
             report.errors += stale.errors
-    report.remaining += [f"mount {m.mount_point}" for m in mounts.mounts_under(lay.mnt_root)]
+    report.remaining += [f"mount {m.mount_point}" for m in mounts.mounts_under(lay.mnt_root)
+                         if not _kept(m.mount_point, kept)]
     if block_view and not live_view:
         report.remaining += [f"mount {m.mount_point}" for m in mounts.mounts_under(lay.blk)]
     report.remaining += [f"mount {m.mount_point}" for m in mounts.mounts_under(lay.rootfs_root)
-                         if m.mount_point != str(lay.rootfs_root)]
-    report.remaining += [f"loop {d}" for d in loopdev.devices_backed_by(lay.blk)]
+                         if m.mount_point != str(lay.rootfs_root)
+                         and not _kept(m.mount_point, kept)]
+    report.remaining += [f"loop {d}" for d in loopdev.devices_backed_by(lay.blk)
+                         if not _kept(loopdev.backing_file(d) or "", kept)]
     report.remaining += [f"fuse2fs pid {p}"
-                         for p in fuse2fs.processes_mounted_under(lay.rootfs_root)]
+                         for p, proc in fuse2fs.processes_mounted_under(lay.rootfs_root).items()
+                         if not _kept(proc.target or "", kept)]
     return report
+
+
+def adoptable(run_dir: str | os.PathLike[str], volume: str, mode: str,
+              entries: Iterable[JournalEntry | records.Entry], *,
+              read_only: bool) -> Attachment | None:
+    """The attachment a previous gatewayd left of `volume`, if its data path is whole: the
+    journalled loop device still serves the volume's rootfs window and carries the kernel mount
+    (bind), or the journalled fuse2fs is ours and alive (fuse), and RUN_DIR/rootfs/VOL is still
+    that mount unless the host view was released. Blocking (mountinfo, /proc); the caller checked
+    that the data plane still serves the volume's window."""
+    lay = _layout(run_dir, volume)
+    decoded = records.decode_all(entries)
+    released = records.host_view_released(decoded)
+    target = lay.rootfs(volume)
+    if mode == BIND:
+        loops = sorted(records.loop_devices(decoded))
+        loop = next((d for d in loops if loopdev.backing_file(d) == str(lay.window(volume))), None)
+        if loop is None:
+            return None
+        on_target = [m.source for m in mounts.mounts_at(target)]
+        if not released and on_target[-1:] != [loop]:
+            return None
+        kernel = [m.source for m in mounts.mounts_at(lay.mnt(volume))]
+        mnt = lay.mnt(volume) if kernel[-1:] == [loop] else None
+        return Attachment(volume, BIND, lay.run_dir, target, loop=loop, read_only=read_only,
+                          mnt=mnt)
+    if mode == FUSE:
+        for pid in sorted(records.fuse2fs_pids(decoded)):
+            handle = fuse2fs.adopt(pid, target, confine=lay.rootfs_root)
+            if handle is not None and (released or handle.mounted()):
+                return Attachment(volume, FUSE, lay.run_dir, target, read_only=read_only,
+                                  fuse=handle)
+    return None

@@ -15,6 +15,9 @@ finds the same window mounts on it and skips the loop setup.
 Blocking steps (mount(2), loop ioctls, fuse2fs start, anything that may read the block view) run in
 worker threads: the trio thread serves the block view's FUSE requests and must never wait on them.
 Each volume has its own lock; different volumes mount in parallel.
+
+A record's state (attaching, mounted, failed, detaching) changes only through the table in
+gateway/attach/states.py; its journal entries are the typed records of gateway/attach/journal.py.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gateway.attach import attachment
-from gateway.catalog import Catalog, JournalStep
+from gateway.attach import journal as records
+from gateway.attach.journal import ExportStep, HostViewReleased, Phase
+from gateway.attach.states import SERVING, AttachmentEvent, AttachmentState, transition
+from gateway.catalog import AttachmentRecord, Catalog
 from gateway.errors import GatewayError, InvalidArgument, ProbeError
 from gateway.log import fields
 from gateway.probe.core import probe_reader_async
 
 if TYPE_CHECKING:
     from gateway.export.manager import Exports
-    from gateway.fuse.blockview import BlockView
+    from gateway.export.view import View
 
 log = logging.getLogger("gateway.attach.manager")
 MODES = ("bind", "fuse")
@@ -70,13 +76,8 @@ class Phases:
         return {k: round(v, 6) for k, v in self.timings.items()}
 
 
-def made_own_export(steps: Any) -> bool:
-    """Whether the journalled mount exported its volume itself (and so must unexport it)."""
-    return any(step == "export" and detail.get("auto") for step, detail in steps)
-
-
 class RootfsManager:
-    def __init__(self, run_dir: Path, catalog: Catalog, exports: Exports, view: BlockView,
+    def __init__(self, run_dir: Path, catalog: Catalog, exports: Exports, view: View,
                  locks: Any, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.run_dir = run_dir
@@ -93,14 +94,45 @@ class RootfsManager:
         record = self.catalog.attachment(name)
         return None if record is None else record.to_json()
 
-    def _journal(self, name: str, token: trio.lowlevel.TrioToken,
-                 pending: list[JournalStep]) -> attachment.Journal:
-        """The attach steps' journal: a step about to start is written at once, together with
-        the results of the steps before it; results after the last start stay in `pending`."""
+    def _move(self, name: str, state: AttachmentState, event: AttachmentEvent,
+              steps: list[records.Entry] | None = None) -> AttachmentState:
+        """Move the volume's attachment from `state` through the table, and record where it
+        went (ABSENT: the record goes)."""
+        new = transition(state, event)
+        if new is AttachmentState.ABSENT:
+            self.catalog.end_attachment(name)
+        elif new is not state or steps:
+            self.catalog.set_attachment(name, state=new, steps=steps or ())
+        return new
+
+    def _move_after_failure(self, name: str, state: AttachmentState,
+                            event: AttachmentEvent) -> None:
+        """_move on the way out of a failed step: a failure to record it is logged, and the
+        step's own error is what the caller sees."""
+        try:
+            self._move(name, state, event)
+        except GatewayError as exc:
+            log.error("recording the attachment state failed",
+                      extra=fields(volume=name, event=event.value, error=exc.message))
+
+    def _journal(self, name: str, token: trio.lowlevel.TrioToken, pending: list[records.Entry],
+                 phases: dict[str, float]) -> attachment.Journal:
+        """The attach steps' journal, called from the worker thread: a step about to start is
+        written at once, together with the results of the steps before it; results after the
+        last start stay in `pending`. Each step's time from start to done goes to `phases`."""
+        started: dict[str, float] = {}
+
         def write(step: str, detail: dict[str, object]) -> None:
-            pending.append((step, dict(detail)))
-            if detail.get("phase") != "done":
-                # Called from the worker thread: the catalog lives on the trio thread.
+            entry = records.decode(step, detail)
+            phase = records.phase_of(entry)
+            now = time.perf_counter()
+            if phase is Phase.START:
+                started[step] = now
+            elif step in started:
+                phases[step] = now - started.pop(step)
+            pending.append(entry)
+            if phase is not Phase.DONE:
+                # The catalog lives on the trio thread.
                 steps = pending[:]
                 pending.clear()
                 trio.from_thread.run_sync(self.catalog.journal_steps, name, steps,
@@ -114,8 +146,8 @@ class RootfsManager:
             volume = self.catalog.volume(name)
             record = self.catalog.attachment(name)
             rootfs = str(self.layout.rootfs(name))
-            if record is not None and record.state == "mounted":
-                if await self._still_mounted(name, record.mode, record.steps):
+            if record is not None and record.state in SERVING:
+                if await self._still_mounted(name, record.mode, record.entries):
                     if record.mode != mode:
                         raise InvalidArgument(f"volume {name} is already mounted in "
                                               f"{record.mode} mode; umount it first")
@@ -123,16 +155,18 @@ class RootfsManager:
                 # Unmounted behind our back (or never ours): never hand out an empty directory.
                 log.warning("a mounted volume's rootfs is gone; mounting it afresh",
                             extra=fields(volume=name, mode=record.mode, rootfs=rootfs))
-                await self._teardown(name, force=True)
+                await self._teardown(record, force=True)
                 record = None
             if record is not None:
-                await self._teardown(name, force=False)
+                await self._teardown(record, force=False)
             if mode == "fuse" and volume.fstype and volume.fstype not in FUSE_FSTYPES:
                 raise InvalidArgument(f"fuse mode serves ext2/3/4 only; volume {name} holds "
                                       f"{volume.fstype}")
             phases: dict[str, float] = {}
             auto_export = not self.exports.in_use(name)
-            self.catalog.begin_attachment(name, mode, rootfs, [("export", {"auto": auto_export})])
+            self.catalog.begin_attachment(
+                name, mode, rootfs, [ExportStep(auto_export)],
+                state=transition(AttachmentState.ABSENT, AttachmentEvent.BEGIN))
             standby: _Standby | None = None
             try:
                 t = time.perf_counter()
@@ -163,20 +197,20 @@ class RootfsManager:
                     standby = None
                     await self.view.close_window(name)
                 if standby is None:
-                    self.view.set_window(name, *window)
+                    await self.view.set_window(name, *window)
                 self.catalog.set_attachment(name, window=window)
                 phases["window"] = time.perf_counter() - t
 
                 # The standby's cached blocks are only as fresh as the disk: any write since the
                 # umount (the disk file, another window) and they are dropped.
-                cached = standby is not None and standby.writes == export.backend.writes
-                done: list[JournalStep] = []  # journal entries still to write
+                cached = standby is not None and standby.writes == await self.view.writes(name)
+                done: list[records.Entry] = []  # journal entries still to write
                 att = await self._attach(name, mode, fstype, volume.read_only, volume.nosuid,
                                          volume.noexec, phases,
                                          standby.loop if standby is not None else None, cached,
                                          done)
                 self.active[name] = att
-                self.catalog.set_attachment(name, state="mounted", steps=done)
+                self._move(name, AttachmentState.ATTACHING, AttachmentEvent.ATTACHED, done)
                 self._watch_fuse2fs(name, att)
             except BaseException:
                 with trio.CancelScope(shield=True):
@@ -195,27 +229,17 @@ class RootfsManager:
     async def _attach(self, name: str, mode: str, fstype: str, read_only: bool, nosuid: bool,
                       noexec: bool, phases: dict[str, float],
                       standby: attachment.StandbyLoop | None, standby_cache: bool,
-                      pending: list[JournalStep]) -> attachment.Attachment:
-        journal = self._journal(name, trio.lowlevel.current_trio_token(), pending)
-        started: dict[str, float] = {}
-
-        def timed(step: str, detail: dict[str, object]) -> None:
-            now = time.perf_counter()
-            if detail.get("phase") == "start":
-                started[step] = now
-            elif step in started:
-                phases[step] = now - started.pop(step)
-            journal(step, detail)
-
+                      pending: list[records.Entry]) -> attachment.Attachment:
+        write = self._journal(name, trio.lowlevel.current_trio_token(), pending, phases)
         force_fsck = self.catalog.fsck_needed(name)
 
         def work() -> attachment.Attachment:
             if mode == "bind":
-                return attachment.attach_bind(self.run_dir, name, fstype, journal=timed,
+                return attachment.attach_bind(self.run_dir, name, fstype, journal=write,
                                               read_only=read_only, nosuid=nosuid, noexec=noexec,
                                               standby=standby, standby_cache=standby_cache)
             return attachment.attach_fuse(
-                self.run_dir, name, fstype, journal=timed, read_only=read_only, nosuid=nosuid,
+                self.run_dir, name, fstype, journal=write, read_only=read_only, nosuid=nosuid,
                 noexec=noexec, stderr_path=str(self.run_dir / f"fuse2fs-{name}.log"),
                 force_fsck=force_fsck)
         att = await trio.to_thread.run_sync(work)
@@ -234,20 +258,22 @@ class RootfsManager:
             log.error("cleanup after failed mount failed", extra=fields(volume=name,
                                                                          error=exc.message))
         finally:
-            self.catalog.end_attachment(name)
+            self._move(name, AttachmentState.ATTACHING, AttachmentEvent.ABORT)
 
     async def umount(self, name: str, *, force: bool = False) -> dict[str, Any]:
         async with self.locks(name):
             self.catalog.volume(name)
-            if self.catalog.attachment(name) is None:
+            record = self.catalog.attachment(name)
+            if record is None:
                 return {"name": name, "mounted": False}
-            await self._teardown(name, force=force)
+            await self._teardown(record, force=force)
         log.info("rootfs unmounted", extra=fields(volume=name, force=force))
         return {"name": name, "mounted": False}
 
-    async def _teardown(self, name: str, *, force: bool) -> None:
-        record = self.catalog.attachment(name)
-        auto = record is not None and made_own_export(record.steps)
+    async def _teardown(self, record: AttachmentRecord, *, force: bool) -> None:
+        name, entries = record.volume, record.entries
+        auto = records.made_own_export(entries)
+        state = self._move(name, record.state, AttachmentEvent.DETACH)
         att = self.active.pop(name, None)
         standby: _Standby | None = None
         if att is not None:
@@ -257,36 +283,60 @@ class RootfsManager:
                     lambda: attachment.detach(att, force=force, keep_loop=keep))
             except BaseException:
                 self.active[name] = att
+                self._move_after_failure(name, state, AttachmentEvent.DETACH_FAILED)
                 raise
             window = self.view.window(name) if name in self.view.volumes() else None
-            export = self.exports.active.get(name)
+            export = self.exports.find(name)
             if loop is not None and window is not None and export is not None:
-                standby = _Standby(loop, window, export.backend.writes)
+                standby = _Standby(loop, window, await self.view.writes(name))
             elif loop is not None:
                 await trio.to_thread.run_sync(loop.close)
-        elif record is not None:
-            steps = record.steps
-            report = await trio.to_thread.run_sync(
-                lambda: attachment.reconcile(self.run_dir, name, steps))
-            if report.remaining:
-                raise attachment.TeardownIncomplete(name, report.remaining)
         try:
-            if name in self.view.volumes():
-                if standby is None:
-                    await self.view.close_window(name)
-                export = self.exports.active.get(name)
-                if export is not None:
-                    await export.backend.flush()
+            if att is None:
+                report = await trio.to_thread.run_sync(
+                    lambda: attachment.reconcile(self.run_dir, name, entries))
+                if report.remaining:
+                    raise attachment.TeardownIncomplete(name, report.remaining)
+            try:
+                if name in self.view.volumes():
+                    if standby is None:
+                        await self.view.close_window(name)
+                    export = self.exports.find(name)
+                    if export is not None:
+                        await export.backend.flush()
+            except BaseException:
+                if standby is not None:
+                    with trio.CancelScope(shield=True):
+                        await standby.close()
+                raise
+            if auto:
+                await self.exports.release(name, standby)
+            elif standby is not None:
+                await standby.close()
         except BaseException:
-            if standby is not None:
-                with trio.CancelScope(shield=True):
-                    await standby.close()
+            self._move_after_failure(name, state, AttachmentEvent.CLEANUP_FAILED)
             raise
-        if auto:
-            await self.exports.release(name, standby)
-        elif standby is not None:
-            await standby.close()
-        self.catalog.end_attachment(name)
+        self._move(name, state, AttachmentEvent.DETACHED)
+
+    async def adopt(self, name: str, att: attachment.Attachment) -> None:
+        """Take over an attachment a previous gatewayd left whole (attachment.adoptable): its
+        export is claimed again (gatewayd's own connection; QSD and the data plane kept theirs),
+        and from then on it is served, watched and torn down like one this gatewayd made."""
+        async with self.locks(name):
+            record = self.catalog.attachment(name)
+            if record is None:
+                return
+            state = self._move(name, record.state, AttachmentEvent.ADOPT)
+            try:
+                await self.exports.claim(name)
+            except BaseException:
+                self._move_after_failure(name, state, AttachmentEvent.LOST)
+                raise
+            self.active[name] = att
+            self._move(name, state, AttachmentEvent.VERIFIED)
+            self._watch_fuse2fs(name, att)
+        log.info("attachment adopted", extra=fields(volume=name, mode=att.mode,
+                                                    loop=att.loop, fuse2fs=att.fuse2fs_pid))
 
     def _watch_fuse2fs(self, name: str, att: attachment.Attachment) -> None:
         """Notice a fuse2fs that dies on its own, and tear down what is left of its mount."""
@@ -308,7 +358,9 @@ class RootfsManager:
                 return  # an ordinary teardown stopped it
             log.error("fuse2fs exited on its own; tearing the mount down",
                       extra=fields(volume=name, pid=pid))
-            self.catalog.set_attachment(name, state="failed")
+            record = self.catalog.attachment(name)
+            if record is not None:
+                self._move_after_failure(name, record.state, AttachmentEvent.LOST)
             self.catalog.set_fsck_needed(name, True)
             try:
                 await self.umount(name, force=True)
@@ -327,8 +379,8 @@ class RootfsManager:
             paths = (self.layout.rootfs(name), self.layout.mnt(name))
             released = await trio.to_thread.run_sync(
                 lambda: [release_host_view(p) for p in paths])
-            self.catalog.journal(name, "host-view-released", {
-                "paths": [str(p) for p in paths], "released": released})
+            self.catalog.journal(name, HostViewReleased(tuple(str(p) for p in paths),
+                                                        tuple(released)))
 
     async def unmount_all(self) -> None:
         for name in list(self.active):
@@ -343,7 +395,7 @@ class RootfsManager:
                     log.error("forced umount failed", extra=fields(volume=name,
                                                                    error=exc2.message))
 
-    async def _still_mounted(self, name: str, mode: str, steps: tuple[JournalStep, ...]) -> bool:
+    async def _still_mounted(self, name: str, mode: str, entries: list[records.Entry]) -> bool:
         """Whether a "mounted" record still holds: RUN_DIR/rootfs/NAME is, on top, the mount
         this gatewayd made there (fuse: a fuse2fs mount while our handle's process lives; bind:
         a mount of the attachment's loop device). Once the host view was released (a running
@@ -353,11 +405,7 @@ class RootfsManager:
         att = self.active.get(name)
         if att is None or att.mode != mode:
             return False
-        released = False
-        for step, detail in steps:
-            if step == "host-view-released":
-                flag = detail.get("released")
-                released = any(flag) if isinstance(flag, list) else bool(flag)
+        released = records.host_view_released(entries)
         target, mnt = self.layout.rootfs(name), self.layout.mnt(name)
         window = str(self.layout.window(name))
 
@@ -385,12 +433,14 @@ class RootfsManager:
         return await trio.to_thread.run_sync(check)
 
 
-def reconcile_all(run_dir: Path, journals: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Blocking, before the block view is mounted: tear down what a crashed gatewayd left."""
+def reconcile_all(run_dir: Path, journals: list[tuple[str, list[records.Entry]]], *,
+                  keep: list[str] | None = None) -> dict[str, Any]:
+    """Blocking, at start: tear down what a previous gatewayd left, except the attachments of
+    the `keep` volumes (adopted)."""
     summary: dict[str, Any] = {"volumes": {}, "sweep": {}}
-    for name, steps in journals:
-        report = attachment.reconcile(run_dir, name, steps)
+    for name, entries in journals:
+        report = attachment.reconcile(run_dir, name, entries)
         summary["volumes"][name] = vars(report)
-    sweep = attachment.sweep(run_dir)
+    sweep = attachment.sweep(run_dir, keep=keep or ())
     summary["sweep"] = vars(sweep)
     return summary

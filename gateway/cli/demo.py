@@ -127,15 +127,7 @@ def _write_record(paths: Paths, record: dict[str, Any]) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    return command.alive(pid)
 
 
 def _pidfile_pid(path: Path) -> int | None:

@@ -1,72 +1,39 @@
 """gatewayctl: the human and script front end of the admin socket.
 
 Imports stay light (no trio, no libvirt) so that a command starts fast; the few commands that work
-without a daemon import what they need when they run.
+without a daemon import what they need when they run. The commands live here and in the modules
+imported below (lifecycle: volume create/import/resize and jobs; systemd: install-systemd), which
+share gateway.cli.base and never import this module. Path arguments sent to gatewayd are made
+absolute against the working directory first (gatewayd takes absolute paths only).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import Any
 
+from gateway.cli import lifecycle, systemd
+from gateway.cli.base import (
+    Parser,
+    absolute,
+    add_mount_flags,
+    call,
+    emit,
+    mapping,
+    mount_flag_args,
+    size_text,
+    table,
+)
 from gateway.errors import GatewayError, InvalidArgument
-
-Command = Callable[[argparse.Namespace], int]
-
-# Modules that add commands: each has `register(top, groups)` (argparse subparsers: the top level
-# and the "volume" and "domain" groups) and keeps its imports light.
-COMMAND_MODULES: tuple[str, ...] = ("gateway.cli.lifecycle", "gateway.cli.systemd")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def default_socket() -> str:
     from gateway.config import default_socket as find
     return str(find())
-
-
-def call(ns: argparse.Namespace, op: str, args: dict[str, Any] | None = None) -> Any:
-    from gateway.admin.client import call as client_call
-    return client_call(ns.socket, op, args or {}, timeout=ns.timeout)
-
-
-def emit(ns: argparse.Namespace, value: Any, human: Callable[[Any], str]) -> int:
-    if getattr(ns, "json", False):
-        print(json.dumps(value, indent=2))
-    else:
-        text = human(value)
-        if text:
-            print(text)
-    return 0
-
-
-def size_text(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{n}B"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [list(map(str, headers))] + [[("-" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in cells)
-
-
-def mapping(pairs: Sequence[tuple[str, Any]]) -> str:
-    width = max(len(k) for k, _ in pairs)
-    return "\n".join(f"{k + ':':<{width + 1}} {'-' if v is None else v}" for k, v in pairs)
 
 
 # Commands.
@@ -89,11 +56,6 @@ def volume_row(v: dict[str, Any]) -> list[Any]:
             attachment.get("mode"), v["path"]]
 
 
-def mount_flag_args(ns: argparse.Namespace) -> dict[str, Any]:
-    """The mount-flag arguments of a request that makes a volume (nosuid is the default)."""
-    return {"setuid": ns.setuid, "noexec": ns.noexec}
-
-
 def cmd_volume_add(ns: argparse.Namespace) -> int:
     flags = {"read_only": ns.read_only, "fstype": ns.fstype, **mount_flag_args(ns)}
     if ns.pool or ns.vol:
@@ -106,8 +68,8 @@ def cmd_volume_add(ns: argparse.Namespace) -> int:
         if not ns.path or not ns.format:
             raise InvalidArgument("PATH and --format raw|qcow2 are required "
                                   "(or --pool POOL --vol VOL --format F)")
-        result = call(ns, "volume-add", {"name": ns.name, "path": ns.path, "format": ns.format,
-                                         **flags})
+        result = call(ns, "volume-add", {"name": ns.name, "path": absolute(ns.path),
+                                         "format": ns.format, **flags})
     return emit(ns, result, lambda r: f"added {r['name']} ({r['format']}, "
                                       f"{size_text(r['virtual_size'])}) from {r['path']}")
 
@@ -150,7 +112,7 @@ def cmd_volume_rm(ns: argparse.Namespace) -> int:
 
 def cmd_probe_image(ns: argparse.Namespace) -> int:
     from gateway.probe.image import probe_image
-    result = probe_image(ns.path, ns.format)
+    result = probe_image(absolute(ns.path), ns.format)
     return emit(ns, result, probe_text)
 
 
@@ -195,12 +157,12 @@ def cmd_umount(ns: argparse.Namespace) -> int:
 
 def domain_args(ns: argparse.Namespace) -> dict[str, Any]:
     return {"name": ns.name, "volume": ns.volume, "mode": ns.mode, "init": ns.init,
-            "args": ns.arg or [], "memory": ns.memory, "vcpus": ns.vcpus,
-            "release_host_view": getattr(ns, "release_host_view", False)}
+            "args": ns.arg or [], "memory": ns.memory, "vcpus": ns.vcpus}
 
 
 def cmd_domain_start(ns: argparse.Namespace) -> int:
-    result = call(ns, "domain-start", domain_args(ns))
+    result = call(ns, "domain-start", {**domain_args(ns),
+                                       "release_host_view": ns.release_host_view})
     return emit(ns, result, lambda r: f"started {r['name']} on {r['rootfs']} ({r['mode']} mode)")
 
 
@@ -228,20 +190,21 @@ def cmd_metrics(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shutdown(ns: argparse.Namespace) -> int:
+    result = call(ns, "shutdown", {"all": ns.all, "force": ns.force})
+    return emit(ns, result, lambda r: "gatewayd is stopping; " + (
+        "every mount, export, the data plane and qemu-storage-daemon were stopped" if r["all"]
+        else "the data plane and every mount stay"))
+
+
 def cmd_install_hook(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gateway.libvirt.hook import install_hook
-    outcome = install_hook(Path(ns.hooks_dir), ns.socket, chain=not ns.no_chain)
+    outcome = install_hook(Path(absolute(ns.hooks_dir)), absolute(ns.socket),
+                           chain=not ns.no_chain)
     print(f"libvirt lxc hook {outcome} in {ns.hooks_dir}")
     return 0
-
-
-def add_mount_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--setuid", action="store_true",
-                   help="honour setuid binaries in the rootfs (default: mounted nosuid)")
-    p.add_argument("--nosuid", action="store_true", help=argparse.SUPPRESS)  # the default now
-    p.add_argument("--noexec", action="store_true", help="mount the rootfs noexec")
 
 
 def add_domain_options(p: argparse.ArgumentParser) -> None:
@@ -260,6 +223,9 @@ def build_parser() -> Parser:
                         help="admin socket (default RUN_DIR/admin.sock, env GATEWAY_SOCKET)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds to wait for an answer")
+    parser.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                        help="seconds to keep trying while gatewayd is not listening, as during "
+                             "a restart (env GATEWAY_CONNECT_WAIT; default 5)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("status", help="daemon health")
@@ -343,11 +309,20 @@ def build_parser() -> Parser:
     add_domain_options(p)
     p.set_defaults(fn=cmd_domain_xml)
 
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub, {"volume": volume, "domain": domain})
+    groups = {"volume": volume, "domain": domain}
+    lifecycle.register(sub, groups)
+    systemd.register(sub, groups)
 
     p = sub.add_parser("metrics", help="Prometheus text exposition")
     p.set_defaults(fn=cmd_metrics)
+    p = sub.add_parser("shutdown", help="stop gatewayd (running containers keep their rootfs)")
+    p.add_argument("--all", action="store_true",
+                   help="also unmount everything and stop the data plane and "
+                        "qemu-storage-daemon (refused while gateway domains run)")
+    p.add_argument("--force", action="store_true",
+                   help="with --all: stop running gateway domains first")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_shutdown)
     p = sub.add_parser("install-hook", help="install the libvirt lxc hook")
     p.add_argument("--hooks-dir", default="/etc/libvirt/hooks")
     p.add_argument("--no-chain", action="store_true",
@@ -358,7 +333,8 @@ def build_parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(lifecycle.legacy_job_argv(list(sys.argv[1:] if argv is None
+                                                          else argv)))
     if ns.socket is None:
         ns.socket = default_socket()
     try:

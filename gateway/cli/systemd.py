@@ -4,11 +4,12 @@ The unit (also checked in as systemd/gatewayd.service, rendered with the default
 
 - Type=notify: gatewayd sends READY=1 to $NOTIFY_SOCKET once the admin socket accepts
   (gateway.daemon.main.notify_systemd), STOPPING=1 when it starts shutting down.
-- KillMode=mixed: on stop, SIGTERM goes to gatewayd alone, which unmounts every rootfs, stops
-  fuse2fs (which writes its metadata back on exit) and qemu-storage-daemon in order; only what is
-  left after TimeoutStopSec gets SIGKILL. KillMode=control-group would SIGTERM fuse2fs and
-  qemu-storage-daemon at the same moment as gatewayd and race the ordered teardown.
-- Restart=on-failure: a crashed gatewayd is restarted and reconciles what its predecessor left.
+- KillMode=process: `systemctl stop`/`restart` (a package upgrade) signal gatewayd alone. The
+  data plane it started (the block view process, qemu-storage-daemon, fuse2fs) lives on in the
+  unit's cgroup and goes on serving every running container; the next gatewayd adopts it. Any
+  other KillMode would kill the data plane with gatewayd and take every container's rootfs down.
+  Stopping everything is an explicit act: `gatewayctl shutdown --all`.
+- Restart=on-failure: a crashed gatewayd is restarted and adopts what its predecessor left.
 - No mount-namespace sandboxing (ProtectSystem, PrivateTmp, ...): the rootfs mounts gatewayd makes
   must be visible to the host and to libvirtd.
 
@@ -61,9 +62,10 @@ def render_unit(gatewayd: str = DEFAULT_GATEWAYD, *, admin_group: str | None = N
         "NotifyAccess=main",
         f"EnvironmentFile=-{ENVIRONMENT_FILE}",
         f"ExecStart={' '.join(argv)}",
-        "# SIGTERM to gatewayd only: it unmounts, stops fuse2fs and qemu-storage-daemon in order.",
-        "# Children still alive after TimeoutStopSec get SIGKILL.",
-        "KillMode=mixed",
+        "# SIGTERM to gatewayd only: the data plane (block view, qemu-storage-daemon, fuse2fs)",
+        "# keeps serving running containers and the next gatewayd adopts it. To stop everything:",
+        "# gatewayctl shutdown --all",
+        "KillMode=process",
         "KillSignal=SIGTERM",
         "TimeoutStartSec=90",
         "TimeoutStopSec=120",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import importlib
 import logging
 import os
 import resource
@@ -16,28 +15,35 @@ from pathlib import Path
 import trio
 
 from gateway import log as gwlog
+from gateway.admin.gateway import Components, Gateway
+from gateway.admin.ops import Dispatcher
 from gateway.admin.server import AccessPolicy, AdminServer
-from gateway.admin.service import Gateway
-from gateway.attach.attachment import RunLayout, prepare_rootfs_root, private_dir
-from gateway.attach.manager import RootfsManager, made_own_export, reconcile_all
+from gateway.attach import journal
+from gateway.attach.attachment import (
+    Attachment,
+    RunLayout,
+    adoptable,
+    prepare_rootfs_root,
+    private_dir,
+)
+from gateway.attach.manager import RootfsManager, reconcile_all
+from gateway.attach.states import SERVING, AttachmentEvent, AttachmentState, transition
 from gateway.catalog import Catalog, Volume
 from gateway.config import Settings, check_linger, parse_roots
 from gateway.daemon import heap
 from gateway.daemon.metrics import Metrics
-from gateway.errors import GatewayError, first_gateway_error
+from gateway.dataplane import process as dataplane
+from gateway.dataplane.view import RemoteView
+from gateway.errors import Conflict, GatewayError, first_gateway_error
 from gateway.export.manager import Exports
-from gateway.fuse.blockview import BlockView
 from gateway.host import imagefile
 from gateway.host.imagefile import FileId
-from gateway.libvirt.domains import watch_domains
+from gateway.libvirt.watcher import watch_domains
 from gateway.log import fields
 from gateway.nbd.qsd import StorageDaemon
 
 log = logging.getLogger("gateway.daemon.main")
-
-# Modules whose @op functions the admin socket serves (imported for their registrations).
-OP_MODULES: tuple[str, ...] = ("gateway.admin.service", "gateway.libvirt.domains",
-                               "gateway.admin.lifecycle_ops")
+STOP_ANSWER_DELAY = 0.2  # seconds left to answer `shutdown` before the admin socket closes
 
 
 def notify_systemd(message: str) -> None:
@@ -62,8 +68,7 @@ def lock_run_dir(run_dir: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise GatewayError(f"another gatewayd is serving {run_dir / 'admin.sock'}",
-                           code="conflict") from None
+        raise Conflict(f"another gatewayd is serving {run_dir / 'admin.sock'}") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
@@ -84,27 +89,46 @@ async def serve(settings: Settings) -> None:
     gw = Gateway(settings, catalog)
     policy = AccessPolicy(settings.admin_group)
     try:
-        await reconcile(gw)
+        # A data plane that outlived the previous gatewayd: what it serves may be adopted.
+        view = await dataplane.running(settings.run_dir)
+        adopted = await reconcile(gw, view)
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                await start_components(gw, nursery)
-                await nursery.start(AdminServer(settings.admin_socket, gw.handle, policy).run)
+                await start_components(gw, nursery, view, adopted)
+                ops = Dispatcher(gw)  # only a complete Gateway reaches the ops
+                await nursery.start(AdminServer(settings.admin_socket, ops.handle, policy).run)
                 if settings.libvirt_uri:
                     await nursery.start(watch_domains, gw)
                 log.info("gatewayd ready", extra=fields(socket=str(settings.admin_socket),
-                                                        catalog=str(settings.catalog_path)))
+                                                        catalog=str(settings.catalog_path),
+                                                        adopted=sorted(adopted)))
                 notify_systemd("READY=1")
-                async for signum in signals:
-                    log.info("shutting down", extra=fields(signal=signal.Signals(signum).name))
-                    notify_systemd("STOPPING=1")
-                    with trio.move_on_after(60):
-                        await gw.rootfs.unmount_all()
-                        await gw.exports.close_all()
-                    nursery.cancel_scope.cancel()
-                    break
+                async with trio.open_nursery() as waiting:
+                    async def on_signal() -> None:
+                        async for signum in signals:
+                            log.info("stopping; the data plane, qemu-storage-daemon and every "
+                                     "mount stay", extra=fields(
+                                         signal=signal.Signals(signum).name))
+                            break
+                        waiting.cancel_scope.cancel()
+
+                    async def on_request() -> None:
+                        await gw.stopping.wait()
+                        await trio.sleep(STOP_ANSWER_DELAY)  # the shutdown op's answer goes out
+                        waiting.cancel_scope.cancel()
+                    waiting.start_soon(on_signal)
+                    waiting.start_soon(on_request)
+                notify_systemd("STOPPING=1")
+                nursery.cancel_scope.cancel()
     finally:
         catalog.close()
     log.info("gatewayd stopped")
+
+
+def view_of(gw: Gateway) -> RemoteView:
+    view = gw.exports.view
+    assert isinstance(view, RemoteView)
+    return view
 
 
 def find_file_ids(volumes: list[Volume]) -> dict[str, FileId]:
@@ -121,54 +145,88 @@ def find_file_ids(volumes: list[Volume]) -> dict[str, FileId]:
     return found
 
 
-async def reconcile(gw: Gateway) -> None:
+async def reconcile(gw: Gateway, view: RemoteView | None) -> dict[str, Attachment]:
     """Before anything starts: record missing file identities (a catalog from before they were
-    kept), then tear down what a crashed gatewayd left behind."""
+    kept); adopt every attachment whose data path survived (the data plane still serves its
+    window, and its loop device and mount, or its fuse2fs, are there); tear down the rest.
+    Returns the adopted attachments, taken over once the components run."""
     unpinned = [v for v in gw.catalog.volumes() if v.file_id is None]
     if unpinned:
         ids = await trio.to_thread.run_sync(find_file_ids, unpinned)
         for name, file_id in ids.items():
             gw.catalog.update_volume(name, file_id=file_id)
-    journals = [(r.volume, r.steps) for r in gw.catalog.attachments()]
-    report = await trio.to_thread.run_sync(reconcile_all, gw.settings.run_dir, journals)
-    for name, steps in journals:
-        if any(step == "fuse2fs" for step, _ in steps):
-            gw.catalog.set_fsck_needed(name, True)  # its fuse2fs died with the daemon
-        if made_own_export(steps):
+    records = gw.catalog.attachments()
+    run_dir = gw.settings.run_dir
+    read_only = {v.name: v.read_only for v in gw.catalog.volumes()}
+    candidates = [r for r in records if view is not None and r.state in SERVING
+                  and view.window(r.volume) == (r.window_start, r.window_size)]
+
+    def check() -> dict[str, Attachment]:
+        found = {}
+        for r in candidates:
+            att = adoptable(run_dir, r.volume, r.mode, r.entries,
+                            read_only=read_only.get(r.volume, False))
+            if att is not None:
+                found[r.volume] = att
+        return found
+    adopted = await trio.to_thread.run_sync(check)
+    torn = [r for r in records if r.volume not in adopted]
+    journals = [(r.volume, r.entries) for r in torn]
+    report = await trio.to_thread.run_sync(
+        lambda: reconcile_all(run_dir, journals, keep=sorted(adopted)))
+    for record, (name, entries) in zip(torn, journals, strict=True):
+        if journal.started_fuse2fs(entries):
+            gw.catalog.set_fsck_needed(name, True)  # its fuse2fs died with the mount
+        if journal.made_own_export(entries):
             gw.catalog.set_exported(name, False)  # the mount made that export
-        gw.catalog.end_attachment(name)
+        if transition(record.state, AttachmentEvent.RESTART) is AttachmentState.ABSENT:
+            gw.catalog.end_attachment(name)
     found = sum(len(v["found"]) for v in report["volumes"].values()) + len(report["sweep"]["found"])
     done = sum(len(v["done"]) for v in report["volumes"].values()) + len(report["sweep"]["done"])
     report["found"] = found
     report["cleaned"] = done
+    report["adopted"] = sorted(adopted)
     gw.reconcile_report = report
     if found:
         log.warning("reconciled leftovers of a previous run",
                     extra=fields(found=found, cleaned=done, volumes=sorted(report["volumes"])))
+    return adopted
 
 
-async def start_components(gw: Gateway, nursery: trio.Nursery) -> None:
-    """Block view, then QSD, then the shared rootfs root, then exports the catalog remembers."""
+async def start_components(gw: Gateway, nursery: trio.Nursery, found: RemoteView | None,
+                           adopted: dict[str, Attachment]) -> None:
+    """Block view, then QSD, then the shared rootfs root, then exports the catalog remembers,
+    then the job table; the Gateway gets them all in one step."""
     run_dir = gw.settings.run_dir
     await trio.to_thread.run_sync(RunLayout(run_dir).prepare)  # after reconcile's sweep
-    view = BlockView()
-    await nursery.start(view.run, run_dir / "blk")
+    view = found or await dataplane.ensure(run_dir, log_level=gw.settings.log_level)
+    # What the data plane serves for no adopted attachment lost its mounts above: let it go.
+    for name in view.volumes():
+        if name not in adopted:
+            await view.unplug(name, force=True)
     holder: list[Exports] = []
     qsd = StorageDaemon(run_dir, lambda: holder[0].desired() if holder else [])
+    qsd.keep_running = True  # it serves the data plane: it outlives gatewayd, which adopts it
     exports = Exports(gw.catalog, qsd, view, nursery, locks=gw.lock,
                       linger=gw.settings.export_linger)
     holder.append(exports)
     await nursery.start(qsd.run)
     await trio.to_thread.run_sync(prepare_rootfs_root, run_dir)
     rootfs = RootfsManager(run_dir, gw.catalog, exports, view, gw.lock, nursery)
-    gw.attach_components(qsd, exports, rootfs)
     metrics = Metrics(lambda: len(gw.catalog.volumes()), lambda: len(exports.active),
                       lambda: len(rootfs.active))
     metrics.leftovers_found.inc(gw.reconcile_report.get("found", 0))
     metrics.leftovers_cleaned.inc(gw.reconcile_report.get("cleaned", 0))
     rootfs.on_phase.append(metrics.observe_phase)
-    gw.metrics = metrics
     await exports.restore()
+    for name, att in adopted.items():
+        try:
+            await rootfs.adopt(name, att)
+        except GatewayError as exc:
+            log.error("adopting an attachment failed", extra=fields(volume=name,
+                                                                    error=exc.message))
+    await nursery.start(gw.jobs.run)
+    gw.attach(Components(qsd=qsd, exports=exports, rootfs=rootfs, metrics=metrics))
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -217,8 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     # its group explicitly).
     os.umask(0o077)
     settings = parse_args(argv)
-    for module in OP_MODULES:
-        importlib.import_module(module)
     gwlog.setup(settings.log_level)
     heap.retain_io_buffers()
     try:

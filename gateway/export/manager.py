@@ -17,6 +17,11 @@ to the rootfs window (see attachment.StandbyLoop). A remount through `claim` get
 skips the loop setup too; every other way out of idleness (open, close, retirement) closes it
 first.
 
+The lifecycle is the table in gateway/export/states.py: each verb (open, claim, release, retire,
+close, and the linger timer, the QSD restart and the shutdown behind them) is an event looked up
+there, whose actions `Exports` runs by name; a volume's record holds its state, its export and
+its idle period.
+
 `VolumeBackend` is what the block view and the probe read through. When QSD restarts, its
 connection drops; the next request waits for QSD to be ready again, reconnects once and retries,
 so a loop device over the block view sees a short stall instead of an I/O error.
@@ -25,32 +30,30 @@ so a loop device over the block view sees a short stall instead of an I/O error.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import trio
 
 from gateway.catalog import Catalog, Volume
-from gateway.errors import BackendError, Conflict, NotFound
+from gateway.errors import Conflict, NotFound
+from gateway.export.backend import VolumeBackend
+from gateway.export.states import ExportEvent, ExportState, transition
 from gateway.log import fields
-from gateway.nbd.client import NBDClient, NBDError
+from gateway.nbd.client import NBDClient
 from gateway.nbd.nodes import ExportSpec
 from gateway.nbd.qsd import StorageDaemon
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
-    from gateway.fuse.blockview import BlockView
+    from gateway.export.view import View
 
     VolumeLocks = Callable[[str], AbstractAsyncContextManager[None]]
 
 log = logging.getLogger("gateway.export.manager")
-T = TypeVar("T")
-RECONNECT_TIMEOUT = 15.0
-CONNECTION_ERRNOS = frozenset({errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN})
 
 
 def spec_of(volume: Volume, backing: ExportSpec | None = None) -> ExportSpec:
@@ -81,69 +84,6 @@ def chain_spec(catalog: Catalog, volume: Volume, *, top: bool = True) -> ExportS
     return spec_of(volume, backing)
 
 
-class VolumeBackend:
-    """The gateway's connection to one export, reconnecting across QSD restarts."""
-
-    def __init__(self, client: NBDClient, qsd: StorageDaemon) -> None:
-        self.client = client
-        self.qsd = qsd
-        self._reconnecting = trio.Lock()
-        self.reconnects = 0
-        self.writes = 0  # requests that may have changed the disk (standby caches check it)
-
-    @property
-    def size(self) -> int:
-        return self.client.size
-
-    @property
-    def read_only(self) -> bool:
-        return self.client.read_only
-
-    async def _recover(self, failed: NBDError) -> None:
-        if self.client.connected and failed.errno not in CONNECTION_ERRNOS:
-            raise failed  # the request itself failed; the connection is fine
-        generation = self.reconnects
-        async with self._reconnecting:
-            if self.reconnects != generation:
-                return  # another request reconnected while this one waited
-            last: BaseException | None = None
-            with trio.move_on_after(RECONNECT_TIMEOUT):
-                while True:
-                    try:
-                        await self.qsd.wait_ready(RECONNECT_TIMEOUT)
-                        await self.client.reconnect()
-                        last = None
-                        break
-                    except BackendError as exc:
-                        # The supervisor may not have noticed the dead QSD yet (it still looks
-                        # ready and refuses connections): retry until it is back.
-                        last = exc
-                        await trio.sleep(0.1)
-            if last is not None or not self.client.connected:
-                raise NBDError(f"nbd: {self.client.label}: reconnect failed after "
-                               f"{failed.message}", errno=errno.EIO) from last
-            self.reconnects += 1
-            log.info("reconnected to export", extra=fields(volume=self.client.export_name))
-
-    async def _retried(self, request: Callable[[], Awaitable[T]]) -> T:
-        """Run a request; after a lost connection, reconnect once and run it again."""
-        try:
-            return await request()
-        except NBDError as exc:
-            await self._recover(exc)
-            return await request()
-
-    async def read_at(self, offset: int, length: int) -> bytearray:
-        return await self._retried(lambda: self.client.read_at(offset, length))
-
-    async def write_at(self, offset: int, data: bytes) -> None:
-        self.writes += 1
-        await self._retried(lambda: self.client.write_at(offset, data))
-
-    async def flush(self) -> None:
-        await self._retried(self.client.flush)
-
-
 @dataclass
 class Export:
     volume: str
@@ -162,9 +102,12 @@ class Standby(Protocol):
 
 @dataclass(eq=False)
 class _Idle:
-    """A lingering export; its identity tells its retirement timer whether it was claimed."""
+    """One idle period of an export; its identity tells its linger timer whether it still runs."""
 
     standby: Standby | None = None
+    # Set when the idle period ends (claimed, closed, expired): its linger timer returns at once
+    # instead of sleeping out the linger (a task per umount grew gatewayd ~3 KiB per cycle).
+    over: trio.Event = field(default_factory=trio.Event)
 
     async def close_standby(self) -> None:
         standby, self.standby = self.standby, None
@@ -172,24 +115,64 @@ class _Idle:
             await standby.close()
 
 
-class Exports:
-    """Owns QSD's exports and the gateway's own connections to them."""
+@dataclass(eq=False)
+class _Record:
+    """A volume's export: its state (SERVING or IDLE; ABSENT has no record), the export, and the
+    idle period while it lingers."""
 
-    def __init__(self, catalog: Catalog, qsd: StorageDaemon, view: BlockView,
+    state: ExportState
+    export: Export
+    idle: _Idle | None = None
+
+
+@dataclass(eq=False)
+class _Call:
+    """What one verb's actions work on."""
+
+    name: str
+    export: Export | None = None   # the record's, or the one "connect" made
+    idle: _Idle | None = None      # the record's idle period when the verb started
+    given: Standby | None = None   # handed in by a release: closed unless an idle period keeps it
+    handed: Standby | None = None  # taken back by a claim, for the caller
+
+    async def close_given(self) -> None:
+        given, self.given = self.given, None
+        if given is not None:
+            await given.close()
+
+
+class Exports:
+    """Owns QSD's exports and the gateway's own connections to them: one record per exported
+    volume, moved only through the table in gateway/export/states.py."""
+
+    def __init__(self, catalog: Catalog, qsd: StorageDaemon, view: View,
                  nursery: trio.Nursery, *, locks: VolumeLocks | None = None,
                  linger: float = 0.0) -> None:
         self.catalog = catalog
         self.qsd = qsd
         self.view = view
         self.nursery = nursery
-        self.active: dict[str, Export] = {}
-        self.idle: dict[str, _Idle] = {}  # lingering exports
+        self._records: dict[str, _Record] = {}
         self.locks = locks
         self.linger = linger
 
+    def state(self, name: str) -> ExportState:
+        record = self._records.get(name)
+        return ExportState.ABSENT if record is None else record.state
+
+    @property
+    def active(self) -> Mapping[str, Export]:
+        """Every export the gateway holds, serving or idle."""
+        return {name: record.export for name, record in self._records.items()}
+
+    @property
+    def idle(self) -> frozenset[str]:
+        """The volumes whose export lingers after a mount's umount."""
+        return frozenset(n for n, r in self._records.items() if r.state is ExportState.IDLE)
+
     def in_use(self, name: str) -> bool:
         """Exported and not merely lingering after a mount."""
-        return name in self.active and name not in self.idle
+        return self.state(name) is ExportState.SERVING
 
     @property
     def lingers(self) -> bool:
@@ -197,7 +180,8 @@ class Exports:
         return self.linger > 0 and self.locks is not None
 
     def standby_device(self, name: str) -> str | None:
-        idle = self.idle.get(name)
+        record = self._records.get(name)
+        idle = record.idle if record is not None else None
         return idle.standby.device if idle is not None and idle.standby is not None else None
 
     def desired(self) -> list[ExportSpec]:
@@ -210,116 +194,47 @@ class Exports:
                 continue
         return specs
 
+    def find(self, name: str) -> Export | None:
+        """The export the gateway holds for `name` (serving or idle), if any."""
+        record = self._records.get(name)
+        return record.export if record is not None else None
+
     def get(self, name: str) -> Export:
-        export = self.active.get(name)
+        export = self.find(name)
         if export is None:
             raise Conflict(f"volume {name} is not exported; run gatewayctl export {name}")
         return export
 
+    # The verbs. Callers hold the volume lock (but close_all, at shutdown).
     async def open(self, name: str) -> Export:
-        """Export a volume and connect to it (idempotent); claims a lingering export without its
-        standby. Caller holds the volume lock."""
-        export, standby = await self.claim(name)
-        if standby is not None:
-            await standby.close()
-            await self.view.close_window(name)
-        return export
+        """Export a volume and connect to it (idempotent); takes a lingering export over, without
+        its standby."""
+        await self._drop_if_stale(name)
+        return _made(await self._fire(name, ExportEvent.OPEN))
 
     async def claim(self, name: str) -> tuple[Export, Standby | None]:
         """open() for a mount: a lingering export comes back with its standby, if it has one
         (the caller closes the standby when it does not take it)."""
-        idle = self.idle.get(name)
-        if idle is not None:
-            export = self.active[name]
-            if export.backend.client.connected:
-                del self.idle[name]
-                self.catalog.set_exported(name, True)
-                return export, idle.standby
-            await self.close(name)  # QSD restarted meanwhile and dropped it: start afresh
-        if name in self.active:
-            return self.active[name], None
-        volume = self.catalog.volume(name)
-        uri = await self.qsd.export(chain_spec(self.catalog, volume))
-        try:
-            client = await NBDClient.connect(str(self.qsd.nbd_path), name, nursery=self.nursery)
-            try:
-                backend = VolumeBackend(client, self.qsd)
-                self.view.add_volume(name, backend)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
-                raise
-            self.catalog.set_exported(name, True)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.qsd.unexport(name, missing_ok=True, force=True)
-            raise
-        export = Export(name, uri, backend)
-        self.active[name] = export
-        log.info("volume exported", extra=fields(volume=name, uri=uri))
-        return export, None
+        await self._drop_if_stale(name)
+        call = await self._fire(name, ExportEvent.CLAIM)
+        return _made(call), call.handed
 
     async def release(self, name: str, standby: Standby | None = None) -> None:
         """The mount that made this export is gone: close it, or let it linger idle (keeping
-        `standby` for the next mount)."""
-        idle = _Idle(standby)
-        export = self.active.get(name)
-        if export is None or not self.lingers:
-            await idle.close_standby()
-            await self.close(name)
-            return
-        try:
-            await export.backend.flush()
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await idle.close_standby()
-            raise
-        self.idle[name] = idle
-        self.catalog.set_exported(name, False)
-        self.nursery.start_soon(self._retire_later, name, idle)
-
-    async def _retire_later(self, name: str, idle: _Idle) -> None:
-        assert self.locks is not None
-        while True:
-            await trio.sleep(self.linger)
-            async with self.locks(name):
-                if self.idle.get(name) is not idle:
-                    return  # claimed by a mount, or closed already
-                try:
-                    await self.close(name)
-                    return
-                except Exception as exc:  # e.g. someone holds blk/NAME/disk open
-                    log.error("retiring an idle export failed; trying again later",
-                              extra=fields(volume=name, error=str(exc)))
+        `standby` for the next mount). `standby` is closed whenever it is not kept."""
+        event = ExportEvent.RELEASE if self.lingers else ExportEvent.RELEASE_NOW
+        await self._fire(name, event, given=standby)
 
     async def retire(self, name: str) -> None:
-        """Close the export if it only lingers (no-op otherwise). Caller holds the volume lock."""
-        if name in self.idle:
-            await self.close(name)
+        """Close the export if it only lingers (no-op otherwise)."""
+        await self._fire(name, ExportEvent.RETIRE)
 
     async def close(self, name: str, *, forget: bool = True) -> bool:
-        """Disconnect and remove an export (idempotent); `forget` also clears the catalog."""
-        export = self.active.get(name)
-        if export is None:
-            if forget:
-                self.catalog.set_exported(name, False)
-            await self.qsd.unexport(name, missing_ok=True)
-            return False
-        idle = self.idle.get(name)
-        if idle is not None:
-            await idle.close_standby()
-        await self.view.remove_volume(name)  # refuses while its files are open: nothing changed
-        del self.active[name]
-        self.idle.pop(name, None)
-        try:
-            await export.backend.flush()
-        finally:
-            await export.backend.client.aclose()
-            await self.qsd.unexport(name, missing_ok=True)
-            if forget:
-                self.catalog.set_exported(name, False)
-        log.info("volume unexported", extra=fields(volume=name))
-        return True
+        """Disconnect and remove an export (idempotent); `forget` also clears the catalog.
+        Whether the gateway held it."""
+        held = name in self._records
+        await self._fire(name, ExportEvent.CLOSE if forget else ExportEvent.SHUTDOWN)
+        return held
 
     async def restore(self) -> None:
         """Reconnect every export the catalog remembers (at start)."""
@@ -332,8 +247,163 @@ class Exports:
                 self.catalog.set_exported(name, False)
 
     async def close_all(self) -> None:
-        for name in list(self.active):
+        for name in list(self._records):
             try:
                 await self.close(name, forget=False)
             except Exception as exc:
                 log.error("closing export failed", extra=fields(volume=name, error=str(exc)))
+
+    async def _drop_if_stale(self, name: str) -> None:
+        """An idle export whose connection QSD dropped (it restarted, and an idle export is not
+        desired, so it did not come back) is closed, to start afresh."""
+        record = self._records.get(name)
+        if (record is not None and record.state is ExportState.IDLE
+                and not record.export.backend.client.connected):
+            await self._fire(name, ExportEvent.QSD_RESTART)
+
+    async def _expire_later(self, name: str, idle: _Idle) -> None:
+        assert self.locks is not None
+        while True:
+            with trio.move_on_after(self.linger):
+                await idle.over.wait()
+            if idle.over.is_set():
+                return  # claimed by a mount, or closed already
+            async with self.locks(name):
+                record = self._records.get(name)
+                if record is None or record.idle is not idle:
+                    return  # claimed by a mount, or closed already
+                try:
+                    await self._fire(name, ExportEvent.EXPIRE)
+                    return
+                except Exception as exc:  # e.g. someone holds blk/NAME/disk open
+                    log.error("retiring an idle export failed; trying again later",
+                              extra=fields(volume=name, error=str(exc)))
+
+    # The engine: look the verb up, run its actions, move the record.
+    async def _fire(self, name: str, event: ExportEvent, *,
+                    given: Standby | None = None) -> _Call:
+        record = self._records.get(name)
+        step = transition(record.state if record is not None else ExportState.ABSENT, event)
+        call = _Call(name, given=given)
+        if record is not None:
+            call.export, call.idle = record.export, record.idle
+        try:
+            for action in step.before:
+                await ACTION_RUNNERS[action](self, call)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await call.close_given()
+            raise
+        self._settle(call, step.state)
+        failure: BaseException | None = None
+        for action in step.after:
+            try:
+                await ACTION_RUNNERS[action](self, call)
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        if record is not None and step.state is ExportState.ABSENT:
+            log.info("volume unexported", extra=fields(volume=name, event=event.value))
+        return call
+
+    def _settle(self, call: _Call, state: ExportState) -> None:
+        old = self._records.get(call.name)
+        if old is not None and old.idle is not None:
+            old.idle.over.set()  # whatever comes next, this idle period is over
+        if state is ExportState.ABSENT:
+            self._records.pop(call.name, None)
+            return
+        record = self._records.get(call.name)
+        if record is None:
+            record = self._records[call.name] = _Record(state, _made(call))
+        record.state = state
+        if state is ExportState.IDLE:
+            record.idle = call.idle = _Idle(call.given)
+            call.given = None
+        else:
+            record.idle = None
+
+    # The actions (states.ACTIONS says what each does).
+    async def _connect(self, call: _Call) -> None:
+        name = call.name
+        volume = self.catalog.volume(name)
+        uri = await self.qsd.export(chain_spec(self.catalog, volume))
+        try:
+            client = await NBDClient.connect(str(self.qsd.nbd_path), name, nursery=self.nursery)
+            try:
+                backend = VolumeBackend(client, self.qsd)
+                # The block view (in the data plane) has its own connection to the export;
+                # gatewayd's is for the probe, resizes and flushes.
+                await self.view.plug(name, str(self.qsd.nbd_path), name)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+                raise
+            self.catalog.set_exported(name, True)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.qsd.unexport(name, missing_ok=True, force=True)
+            raise
+        call.export = Export(name, uri, backend)
+        log.info("volume exported", extra=fields(volume=name, uri=uri))
+
+    async def _want(self, call: _Call) -> None:
+        self.catalog.set_exported(call.name, True)
+
+    async def _forget(self, call: _Call) -> None:
+        self.catalog.set_exported(call.name, False)
+
+    async def _flush(self, call: _Call) -> None:
+        await _made(call).backend.flush()
+
+    async def _unview(self, call: _Call) -> None:
+        await self.view.unplug(call.name)  # refuses while its files are open
+
+    async def _hang_up(self, call: _Call) -> None:
+        await _made(call).backend.client.aclose()
+
+    async def _unexport(self, call: _Call) -> None:
+        await self.qsd.unexport(call.name, missing_ok=True)
+
+    async def _close_given(self, call: _Call) -> None:
+        await call.close_given()
+
+    async def _close_standby(self, call: _Call) -> None:
+        if call.idle is not None:
+            await call.idle.close_standby()
+
+    async def _drop_standby(self, call: _Call) -> None:
+        idle = call.idle
+        if idle is not None and idle.standby is not None:
+            await idle.close_standby()
+            await self.view.close_window(call.name)
+
+    async def _hand_standby(self, call: _Call) -> None:
+        if call.idle is not None:
+            call.handed, call.idle.standby = call.idle.standby, None
+
+    async def _expire_later_action(self, call: _Call) -> None:
+        assert call.idle is not None
+        self.nursery.start_soon(self._expire_later, call.name, call.idle)
+
+
+def _made(call: _Call) -> Export:
+    assert call.export is not None, f"export {call.name}: no export past connect"
+    return call.export
+
+
+ACTION_RUNNERS: Mapping[str, Callable[[Exports, _Call], Awaitable[None]]] = {
+    "connect": Exports._connect,
+    "want": Exports._want,
+    "forget": Exports._forget,
+    "flush": Exports._flush,
+    "unview": Exports._unview,
+    "hang-up": Exports._hang_up,
+    "unexport": Exports._unexport,
+    "close-given": Exports._close_given,
+    "close-standby": Exports._close_standby,
+    "drop-standby": Exports._drop_standby,
+    "hand-standby": Exports._hand_standby,
+    "expire-later": Exports._expire_later_action,
+}

@@ -31,11 +31,8 @@ class BlockBackend(Protocol):
 
 
 class FileBackendError(BackendError):
-    """A FileBackend I/O failed; `.errno` is the OS error number for the FUSE reply."""
-
-    def __init__(self, message: str, *, errno: int) -> None:
-        super().__init__(message)
-        self.errno = errno
+    """A FileBackend I/O failed; `.errno` (always set) is the OS error number for the FUSE
+    reply."""
 
 
 class FileBackend:

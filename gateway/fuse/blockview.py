@@ -22,18 +22,24 @@ asynchronously. With force=True it detaches anyway and open handles then fail wi
 pyfuse3 supports one mounted filesystem per process; a second BlockView.run() raises Conflict.
 The trio thread running pyfuse3.main() must never call mount(2), loop ioctls, fuse2fs or read the
 filesystems layered on these files: use worker threads or subprocesses for that.
+
+Errors: every FUSE handler goes through one wrapper (`_handler`), the adapter boundary: a
+FUSEError passes as it is; any other exception becomes FUSEError(its positive `errno`, else EIO)
+and is logged once (a GatewayError or OSError as a warning, anything else, a bug, with its
+traceback). trio.Cancelled, KeyboardInterrupt and other BaseExceptions pass through untouched.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -82,9 +88,37 @@ class _Handle:
 
 def _fuse_errno(exc: BaseException) -> int:
     code = getattr(exc, "errno", None)
-    if isinstance(code, int) and code > 0:
+    if isinstance(code, int) and not isinstance(code, bool) and code > 0:
         return code
     return errno.EIO
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Handler = Callable[Concatenate["BlockView", P], Awaitable[R]]
+Wrapped = Callable[Concatenate["BlockView", P], Coroutine[Any, Any, R]]
+
+
+def _handler(by: str | None) -> Callable[[Handler[P, R]], Wrapped[P, R]]:
+    """Wrap a FUSE handler whose first argument is an inode (`by="ino"`), a file handle
+    (`by="fh"`) or neither (None): see the module's notes on errors."""
+    def wrap(fn: Handler[P, R]) -> Wrapped[P, R]:
+        @functools.wraps(fn)
+        async def handle(self: BlockView, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(self, *args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except Exception as exc:
+                where = self._where(by, args[0] if args else None)
+                if isinstance(exc, (GatewayError, OSError)):
+                    log.warning("block view: %s %s: %s", fn.__name__, where, exc)
+                else:
+                    log.error("block view: %s %s: unexpected %s: %s", fn.__name__, where,
+                              type(exc).__name__, exc, exc_info=exc)
+                raise pyfuse3.FUSEError(_fuse_errno(exc)) from None
+        return handle
+    return wrap
 
 
 class BlockView(pyfuse3.Operations):  # type: ignore[misc]
@@ -204,6 +238,18 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
             self._by_ino.pop(ino, None)
         return vol.backend
 
+    def _where(self, by: str | None, key: object) -> str:
+        """What a failed request was about, for its log line: VOL/kind, or the bare number."""
+        if by is None or not isinstance(key, int):
+            return "/"
+        if by == "fh":
+            h = self._handles.get(key)
+            return f"{h.volume.name}/{h.kind}" if h is not None else f"fh {key}"
+        if key == pyfuse3.ROOT_INODE:
+            return "/"
+        entry = self._by_ino.get(key)
+        return f"{entry[0].name}/{entry[1]}".rstrip("/") if entry is not None else f"ino {key}"
+
     # ---- attributes -------------------------------------------------------------------------
 
     def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -235,9 +281,11 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
         a.st_blocks = (a.st_size + 511) // 512
         return a
 
+    @_handler("ino")
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         return self._attr(inode)
 
+    @_handler("ino")
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: Any = None) -> pyfuse3.EntryAttributes:
         text = os.fsdecode(name)
@@ -260,11 +308,13 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
             return self._attr(pyfuse3.ROOT_INODE)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
+    @_handler("ino")
     async def opendir(self, inode: int, ctx: Any = None) -> int:
         if inode != pyfuse3.ROOT_INODE and self._by_ino.get(inode, (None, "x"))[1] != "":
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @_handler("ino")  # a directory's handle is its inode (opendir)
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         if fh == pyfuse3.ROOT_INODE:
             entries = [(name, vol.dir_ino) for name, vol in sorted(self._volumes.items())]
@@ -280,9 +330,11 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(ino), index):
                 break
 
+    @_handler("ino")
     async def releasedir(self, fh: int) -> None:
         return None
 
+    @_handler(None)
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         s.f_bsize = 4096
@@ -292,6 +344,7 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
 
     # ---- file I/O ------------------------------------------------------------------------
 
+    @_handler("ino")
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
         entry = self._by_ino.get(inode)
         if entry is None or entry[1] == "":
@@ -319,15 +372,7 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
             raise pyfuse3.FUSEError(errno.EIO)
         return h
 
-    async def _call(self, what: Callable[[], Any], h: _Handle) -> Any:
-        try:
-            return await what()
-        except pyfuse3.FUSEError:
-            raise
-        except (GatewayError, OSError) as exc:
-            log.warning("block view: %s/%s: %s", h.volume.name, h.kind, exc)
-            raise pyfuse3.FUSEError(_fuse_errno(exc)) from None
-
+    @_handler("fh")
     async def read(  # type: ignore[override]  # pyfuse3 replies from any buffer object
             self, fh: int, off: int, size: int) -> bytes | bytearray:
         h = self._handle(fh)
@@ -335,10 +380,10 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
             return b""
         length = min(size, h.size - off)
         # Any buffer will do: pyfuse3 replies from it before another task runs.
-        data: bytes | bytearray = await self._call(
-            lambda: h.volume.backend.read_at(h.start + off, length), h)
+        data: bytes | bytearray = await h.volume.backend.read_at(h.start + off, length)
         return data
 
+    @_handler("fh")
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
         if not h.writable:
@@ -346,20 +391,23 @@ class BlockView(pyfuse3.Operations):  # type: ignore[misc]
         if off >= h.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
         data = buf if off + len(buf) <= h.size else buf[: h.size - off]
-        await self._call(lambda: h.volume.backend.write_at(h.start + off, data), h)
+        await h.volume.backend.write_at(h.start + off, data)
         return len(data)
 
+    @_handler("fh")
     async def flush(self, fh: int) -> None:
         h = self._handles.get(fh)
         if h is None or h.detached:
             return  # close() of a detached handle succeeds; its writes already reached the backend
         if h.writable:
-            await self._call(h.volume.backend.flush, h)
+            await h.volume.backend.flush()
 
+    @_handler("fh")
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
-        await self._call(h.volume.backend.flush, h)
+        await h.volume.backend.flush()
 
+    @_handler("fh")
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:

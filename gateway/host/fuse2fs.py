@@ -22,8 +22,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +32,7 @@ from gateway.host import mounts
 PROGRAM = "fuse2fs"
 SUPPORTED_FSTYPES = ("ext2", "ext3", "ext4")
 FSNAME_PREFIX = "storage-gateway-fuse2fs"
+STOP_GRACE = 5.0  # seconds to wait after SIGTERM, and after SIGKILL
 
 
 class Fuse2fsError(BackendError):
@@ -64,15 +63,6 @@ def build_argv(image: str, target: str, *, read_only: bool, nosuid: bool = True,
 
 def _is_fuse2fs_mount(target: str) -> bool:
     return any(m.fstype.startswith("fuse") for m in mounts.mounts_at(target))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
 
 
 @functools.cache
@@ -151,7 +141,7 @@ def identify(pid: int) -> Process | None:
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return None
-    if not argv or not _alive(pid):
+    if not argv or not command.alive(pid):
         return None
     paths = [_norm(os.path.join(cwd, a)) for a in _positional(argv)]
     return Process(pid, tuple(argv), paths[0] if paths else None,
@@ -175,7 +165,7 @@ class Fuse2fs:
     target: str
     pid: int
     read_only: bool
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    process: command.Child | None = field(default=None, repr=False)
     # The directory the target must lie in for stop() to unmount it (always set on adoption).
     confine: str | None = None
 
@@ -186,27 +176,29 @@ class Fuse2fs:
 
     def alive(self) -> bool:
         if self.process is not None:
-            return self.process.poll() is None
+            return command.alive(self.process)
         return self._ours()
 
     def mounted(self) -> bool:
         return _is_fuse2fs_mount(self.target)
 
-    def _wait_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process is not None:
-                try:
-                    self.process.wait(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
-                    return True
-                except subprocess.TimeoutExpired:
-                    pass
-            elif not self.alive():
-                return True
-            else:
-                time.sleep(0.02)
-            if time.monotonic() >= deadline:
-                return False
+    def _end(self, timeout: float) -> command.Ended:
+        """Wait `timeout` for the exit, then SIGTERM, then SIGKILL (command.stop). An adopted
+        pid is pinned by a pidfd and checked once through it, so no signal reaches a process
+        that took over the pid after fuse2fs exited."""
+        if self.process is not None:
+            return command.stop(self.process, exit_wait=timeout, grace=STOP_GRACE,
+                                kill_wait=STOP_GRACE)
+        pidfd = command.open_pidfd(self.pid)
+        if pidfd is None:
+            return command.Ended.EXITED
+        try:
+            if not self._ours():
+                return command.Ended.EXITED  # exited, and the pid may be someone else's by now
+            return command.stop(self.pid, exit_wait=timeout, grace=STOP_GRACE,
+                                kill_wait=STOP_GRACE, pidfd=pidfd)
+        finally:
+            os.close(pidfd)
 
     def stop(self, *, timeout: float = 15.0, force: bool = False) -> None:
         """Unmount (lazily only with force), wait for exit (it writes back), kill if stuck.
@@ -223,18 +215,10 @@ class Fuse2fs:
                 if not force:
                     raise
                 mounts.umount(self.target, lazy=True)
-        if self._wait_exit(timeout):
+        ended = self._end(timeout)
+        if ended is command.Ended.EXITED:
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if self.process is None and not self._ours():
-                return  # exited, and the pid may be someone else's by now
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                return
-            if self._wait_exit(5.0):
-                break
-        if self.alive():
+        if ended is command.Ended.STUCK:
             raise Fuse2fsError(f"fuse2fs: pid {self.pid} for {self.target} would not exit")
         if not force:
             raise Fuse2fsError(f"fuse2fs: pid {self.pid} for {self.target} had to be killed; "
@@ -263,8 +247,8 @@ def start(image: str | os.PathLike[str], target: str | os.PathLike[str], fstype:
     deadline = time.monotonic() + timeout
     delay = 0.001  # fuse2fs mounts in a few ms: poll fast first, then back off
     while not handle.mounted():
-        if proc.poll() is not None:
-            detail = _stderr_tail(stderr_path)
+        if not command.alive(proc):
+            detail = command.stderr_tail(stderr_path)
             raise Fuse2fsError(f"fuse2fs: exited with {proc.returncode} before mounting "
                                f"{target_s}{': ' + detail if detail else ''}")
         if time.monotonic() >= deadline:
@@ -273,17 +257,6 @@ def start(image: str | os.PathLike[str], target: str | os.PathLike[str], fstype:
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
     return handle
-
-
-def _stderr_tail(path: str | None) -> str:
-    if not path:
-        return ""
-    try:
-        with open(path, "rb") as f:
-            lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1].strip() if lines else ""
 
 
 def processes_under(path: str | os.PathLike[str]) -> dict[int, list[str]]:

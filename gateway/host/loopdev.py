@@ -43,11 +43,7 @@ LOOP_CONTROL = "/dev/loop-control"
 
 
 class LoopError(BackendError):
-    """A loop-device operation failed."""
-
-    def __init__(self, message: str, *, errno: int = 0) -> None:
-        super().__init__(message)
-        self.errno = errno
+    """A loop-device operation failed (`.errno` says why, when the kernel said)."""
 
 
 class _LoopInfo64(ctypes.Structure):

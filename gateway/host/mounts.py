@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from gateway.errors import BackendError, Conflict, NotFound, PermissionDenied
+from gateway.errors import BackendError, Conflict, GatewayError, NotFound, PermissionDenied
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -33,11 +33,7 @@ MOUNTINFO = "/proc/self/mountinfo"
 
 
 class MountError(BackendError):
-    """mount(2)/umount2(2) failed; `.errno` is kept for callers that branch on it."""
-
-    def __init__(self, message: str, *, errno: int = 0) -> None:
-        super().__init__(message)
-        self.errno = errno
+    """mount(2)/umount2(2) failed with an errno that has no better code (`.errno` says which)."""
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -48,18 +44,15 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
 
 
-def _error(what: str, err: int) -> MountError | Conflict | NotFound | PermissionDenied:
-    message = f"{what}: {os.strerror(err)}"
-    if err == errno.EBUSY:
-        exc: MountError | Conflict | NotFound | PermissionDenied = Conflict(message)
-    elif err == errno.ENOENT:
-        exc = NotFound(message)
-    elif err == errno.EPERM:
-        exc = PermissionDenied(message)
-    else:
-        exc = MountError(message, errno=err)
-    exc.errno = err  # type: ignore[union-attr]
-    return exc
+# errnos with a code of their own; every other errno is a MountError (backend-error)
+_ERRNO_ERRORS: dict[int, type[GatewayError]] = {
+    errno.EBUSY: Conflict, errno.ENOENT: NotFound, errno.EPERM: PermissionDenied,
+}
+
+
+def _error(what: str, err: int) -> GatewayError:
+    """The one place a mount(2)/umount2(2) errno becomes a gateway error (errno kept)."""
+    return _ERRNO_ERRORS.get(err, MountError)(f"{what}: {os.strerror(err)}", errno=err)
 
 
 def _enc(value: str | os.PathLike[str] | None) -> bytes | None:

@@ -105,9 +105,7 @@ def convert(source: dict[str, Any], dst: Path, dst_fmt: str, *,
                         progress(float(found[-1]))
                 time.sleep(0.1)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            command.stop(proc, grace=0, kill_wait=60.0)
         output = Path(log.name).read_bytes()
     if proc.returncode != 0:
         lines = [ln.strip() for ln in PROGRESS.sub(b"", output).decode(errors="replace")

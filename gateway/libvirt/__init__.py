@@ -1,9 +1,9 @@
-"""libvirt-lxc: host preparation, the libvirtd harness, domains, lifecycle events, the lxc hook,
-storage pools, and the gateway ops for domains.
+"""libvirt-lxc: host preparation, the libvirtd harness, domains, lifecycle events and their
+watcher, the lxc hook, storage pools. (The admin ops for domains are gateway.admin.domain_ops.)
 
-Modules: connection, domain, domains (admin ops and the lifecycle watcher), events, hook,
-hostprep, hostview, libvirtd, pools.
+Modules: connection, domain, events, hook, hostprep, hostview, libvirtd, pools, watcher (tears a
+stopped domain's mount down).
 """
 
-__all__ = ["connection", "domain", "domains", "events", "hook", "hostprep", "hostview",
-           "libvirtd", "pools"]
+__all__ = ["connection", "domain", "events", "hook", "hostprep", "hostview", "libvirtd", "pools",
+           "watcher"]

@@ -24,6 +24,7 @@ CHAINED_NAME = "lxc.gateway-chained"
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 DEFAULT_PYTHON = "/usr/bin/python3"
 TIMEOUT_SECONDS = 300.0  # a mount may probe and fsck; libvirt waits for us
+WAIT_SECONDS = 10.0  # a gatewayd being restarted or upgraded comes back within this
 
 _TEMPLATE = '''#!{python} -IS
 {header}
@@ -35,6 +36,7 @@ SOCKET = {socket!r}
 CHAINED = {chained!r}
 NS = {ns!r}
 TIMEOUT = {timeout!r}
+WAIT = {wait!r}  # seconds to keep trying while gatewayd restarts
 OPS = {{"prepare": "mount", "release": "umount"}}
 
 
@@ -115,15 +117,27 @@ def decode(text):
         return json.loads(text)
 
 
+def connect(op):
+    import _socket, time
+    deadline = time.monotonic() + WAIT
+    pause = 0.02
+    while True:
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        s.settimeout(TIMEOUT)
+        try:
+            s.connect(SOCKET)
+            return s
+        except OSError as exc:
+            s.close()
+            if time.monotonic() + pause > deadline:
+                fail("gatewayd is not reachable at %s (%s); cannot %s the domain's volume"
+                     % (SOCKET, exc.strerror or exc, op))
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
+
+
 def call(op, args):
-    import _socket
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    s.settimeout(TIMEOUT)
-    try:
-        s.connect(SOCKET)
-    except OSError as exc:
-        fail("gatewayd is not reachable at %s (%s); cannot %s the domain's volume"
-             % (SOCKET, exc.strerror or exc, op))
+    s = connect(op)
     try:
         s.sendall(encode({{"id": 1, "op": op, "args": args}}).encode() + b"\\n")
         buf = b""
@@ -190,7 +204,8 @@ main()
 def hook_script(socket_path: str, chained_path: str, python: str = DEFAULT_PYTHON) -> str:
     """The hook's text (pure)."""
     return _TEMPLATE.format(python=python, header=HEADER, socket=socket_path,
-                            chained=chained_path, ns=METADATA_NS, timeout=TIMEOUT_SECONDS)
+                            chained=chained_path, ns=METADATA_NS, timeout=TIMEOUT_SECONDS,
+                            wait=WAIT_SECONDS)
 
 
 def is_ours(path: Path) -> bool:

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,7 +59,7 @@ class LibvirtdHandle:
     owned: bool
     pid: int | None = None
     hooks_dir: Path | None = None
-    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _process: command.Child | None = field(default=None, repr=False)
 
     def stop(self, timeout: float = 20.0) -> None:
         """Destroy every running domain (we own the daemon, so they are ours), undefine gateway
@@ -96,35 +93,12 @@ def _destroy_all(uri: str) -> None:
         close_quietly(conn)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        # A zombie is not alive; /proc says so (state Z).
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _terminate(pid: int, process: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process is not None:
-                if process.poll() is not None:
-                    return
-            elif not _alive(pid):
-                return
-            time.sleep(0.05)
-    if process is not None:
-        process.wait(timeout=5)
+def _terminate(pid: int, process: command.Child | None, timeout: float) -> None:
+    """SIGTERM, `timeout` seconds, SIGKILL, `timeout` seconds (command.stop)."""
+    ended = command.stop(process if process is not None else pid, grace=timeout,
+                         kill_wait=timeout)
+    if ended is command.Ended.STUCK:
+        raise LibvirtdError(f"libvirtd (pid {pid}) would not exit")
 
 
 def _write_state(pid: int, hooks_dir: Path | None) -> None:
@@ -141,14 +115,6 @@ def _read_state() -> dict[str, Any] | None:
 
 def _forget_state() -> None:
     STATE_PATH.unlink(missing_ok=True)
-
-
-def _last_log_line() -> str:
-    try:
-        lines = [ln for ln in LOG_PATH.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
 
 
 def ensure_libvirtd(shared_dirs: list[Path], *, uri: str = DEFAULT_URI,
@@ -172,9 +138,9 @@ def ensure_libvirtd(shared_dirs: list[Path], *, uri: str = DEFAULT_URI,
                             _process=process)
     deadline = time.monotonic() + timeout
     while not is_reachable(uri):
-        if process.poll() is not None:
+        if not command.alive(process):
             raise LibvirtdError(f"libvirtd exited with status {process.returncode}: "
-                                f"{_last_log_line()} (log: {LOG_PATH})")
+                                f"{command.stderr_tail(LOG_PATH)} (log: {LOG_PATH})")
         if time.monotonic() > deadline:
             _terminate(process.pid, process, 5.0)
             raise LibvirtdError(f"libvirtd did not accept {uri} within {timeout:g}s "
@@ -188,7 +154,7 @@ def started_pid() -> int | None:
     """The pid of the libvirtd a previous `up` (ensure_libvirtd) started, if it still runs."""
     state = _read_state()
     pid = state.get("pid") if state is not None else None
-    return pid if isinstance(pid, int) and _alive(pid) else None
+    return pid if isinstance(pid, int) and command.alive(pid) else None
 
 
 def stop_started_libvirtd(timeout: float = 20.0) -> bool:
@@ -197,7 +163,7 @@ def stop_started_libvirtd(timeout: float = 20.0) -> bool:
     if state is None or not isinstance(state.get("pid"), int):
         return False
     pid = int(state["pid"])
-    if _alive(pid):
+    if command.alive(pid):
         _destroy_all(DEFAULT_URI)
         _terminate(pid, None, timeout)
     _forget_state()

@@ -50,11 +50,8 @@ CONNECT_TIMEOUT = 10.0
 
 
 class NBDError(BackendError):
-    """An NBD request or connection failed; `errno` is the server's or libnbd's errno (or None)."""
-
-    def __init__(self, message: str, *, errno: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno
+    """An NBD request or connection failed; `.errno` is the server's or libnbd's errno (or
+    None)."""
 
 
 def _map(exc: nbd.Error, what: str) -> NBDError:
@@ -180,6 +177,11 @@ class _Connection:
             self.fail(_map(exc, self.label))
         except NBDError as exc:
             self.fail(exc)
+        except (trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            # Not expected (aclose stops the poller before the fd closes), but a poller must
+            # never take its owner's nursery down: the connection is dead, nothing more.
+            self.fail(NBDError(f"nbd: {self.label}: poller lost its socket: {exc}",
+                               errno=errno_mod.ENOTCONN))
         finally:
             self.fail(NBDError(f"nbd: {self.label}: connection closed", errno=errno_mod.ENOTCONN))
             self.finished.set()
@@ -198,11 +200,14 @@ class _Connection:
         elif nbd.AIO_DIRECTION_WRITE in fired:
             self.h.aio_notify_write()
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Stop the poller, then close the handle. In this order: once libnbd closes the socket
+        its fd number may be reused at once (an admin connection, another export), and a
+        poller still waiting on that number would watch, or be woken for, a stranger's socket."""
         self.scope.cancel()
-        if self.fd >= 0:
-            trio.lowlevel.notify_closing(self.fd)
-            self.fd = -1
+        with trio.CancelScope(shield=True):
+            await self.finished.wait()
+        self.fd = -1
         self.fail(NBDError(f"nbd: {self.label}: client closed", errno=errno_mod.ESHUTDOWN))
         _close_handle(self.h)
 
@@ -266,7 +271,7 @@ class NBDClient:
             raise NBDError(f"nbd: {self.label}: client closed", errno=errno_mod.ESHUTDOWN)
         old, self._conn = self._conn, None
         if old is not None:
-            old.close()
+            await old.aclose()
         h = nbd.NBD()
         conn = _Connection(h, self.label)
         try:
@@ -282,12 +287,12 @@ class NBDClient:
             with trio.fail_after(CONNECT_TIMEOUT):
                 await conn.ready.wait()
         except trio.TooSlowError:
-            conn.close()
+            await conn.aclose()
             raise NBDError(f"nbd: {self.label}: connect timed out",
                            errno=errno_mod.ETIMEDOUT) from None
         if conn.dead is not None:
             why = conn.dead
-            conn.close()
+            await conn.aclose()
             raise NBDError(f"{why.message} (connect)", errno=why.errno)
         try:
             self.size = h.get_size()
@@ -300,7 +305,7 @@ class NBDClient:
                                    DEFAULT_MAX_REQUEST)
             self.min_request = h.get_block_size(nbd.SIZE_MINIMUM) or 1
         except nbd.Error as exc:
-            conn.close()
+            await conn.aclose()
             raise _map(exc, f"{self.label}: handshake") from None
         self._conn = conn
 
@@ -308,8 +313,7 @@ class NBDClient:
         self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.close()
-            await conn.finished.wait()
+            await conn.aclose()
 
     @property
     def connected(self) -> bool:

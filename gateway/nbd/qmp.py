@@ -9,7 +9,9 @@ the server sends returns and errors (carrying the client's `id`) and asynchronou
 order.
 
 States and the events each state accepts are in `_TRANSITIONS`; anything else is a protocol error
-and the connection becomes unusable (state FAILED).
+and the connection becomes unusable (state FAILED). Errors: QMPError (QEMU refused a command) and
+QMPProtocolError (the peer broke QMP) are backend errors; LocalProtocolError (this side drove the
+core out of order) is an InternalError.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from gateway.errors import BackendError
+from gateway.errors import BackendError, InternalError
 
 MAX_LINE = 64 * 1024 * 1024  # query-qmp-schema is ~200 KiB; anything this long is garbage
 
@@ -40,8 +42,9 @@ class QMPProtocolError(BackendError):
     """The peer broke QMP (garbage, a reply to no command, a line too long)."""
 
 
-class LocalProtocolError(BackendError):
-    """This side used the core wrongly (a command before negotiation, after failure)."""
+class LocalProtocolError(InternalError):
+    """This side used the core wrongly (a command before negotiation, after failure): a bug in
+    the caller, reported as `internal`, never as a backend failure."""
 
 
 class State(enum.Enum):

@@ -4,20 +4,23 @@
         await qmp.execute("query-block-exports")
 
 One reader task feeds the core; commands run concurrently and are matched to replies by id.
-Events go to every registered watcher (see `watch`) and to the optional `on_event` callback.
-OSError on the socket is mapped here, once, into BackendError.
+Events go to every registered watcher (see `watch`) and to the optional `on_event` callback;
+nothing else keeps them. The commands sent are kept in `sent`, the last SENT_LIMIT of them (for
+tests and audits: a long-running daemon must not keep every command it ever sent).
+OSError on the socket is mapped here, once, into BackendError; a misuse of the core
+(LocalProtocolError) stays an InternalError, whichever side of the adapter meets it.
 """
 
 from __future__ import annotations
 
-import math
+import collections
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
-from gateway.errors import BackendError
+from gateway.errors import BackendError, InternalError
 from gateway.nbd.qmp import (
     ErrorReply,
     Event,
@@ -28,7 +31,13 @@ from gateway.nbd.qmp import (
     Return,
 )
 
-Sent = list[tuple[str, dict[str, Any]]]
+Sent = collections.deque[tuple[str, dict[str, Any]]]
+SENT_LIMIT = 256
+
+
+def sent_log() -> Sent:
+    """A bounded log of the commands sent: the newest SENT_LIMIT (command, arguments)."""
+    return collections.deque(maxlen=SENT_LIMIT)
 
 
 class _Reply:
@@ -66,11 +75,10 @@ class QMPClient:
         self._greeting_seen = trio.Event()
         self._closed: BaseException | None = None
         self.closed = trio.Event()
-        self.sent: Sent = sent if sent is not None else []
+        self.sent: Sent = sent if sent is not None else sent_log()
         self.on_event = on_event
         self.name = name
         self.greeting: Greeting | None = None
-        self.events_send, self.events = trio.open_memory_channel[Event](math.inf)
 
     @classmethod
     @asynccontextmanager
@@ -167,6 +175,9 @@ class QMPClient:
                     self._dispatch(ev)
         except (QMPError, BackendError) as exc:  # protocol error or refused negotiation
             why = exc
+        except InternalError as exc:  # a bug on this side: the waiting commands get it too
+            why = exc
+            raise
         finally:
             self._shutdown(why)
 
@@ -195,7 +206,6 @@ class QMPClient:
                 if not w.seen.is_set() and w.predicate(ev):
                     w.event = ev
                     w.seen.set()
-            self.events_send.send_nowait(ev)
             if self.on_event is not None:
                 self.on_event(ev)
 
@@ -207,4 +217,3 @@ class QMPClient:
                 r.done.set()
         self._greeting_seen.set()
         self.closed.set()
-        self.events_send.close()

@@ -6,7 +6,8 @@
 
 One QSD per gateway. Its command line holds only the QMP monitor and the pidfile: every node and
 export is added over QMP, with an explicit driver at every layer (see nodes.py), so nothing is
-ever format-probed. Everything sent is recorded in `argv` / `sent` for tests and audits.
+ever format-probed. What was sent is recorded for tests and audits: the newest command lines in
+`argvs` and the newest QMP commands in `sent` (bounded: a long-running daemon keeps no history).
 
 Restart: a death watcher waits on a pidfd; when QSD dies (or its QMP connection drops) a new QSD
 is started at once, the NBD server restarted on the same socket path, and every export from
@@ -29,9 +30,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import logging
 import os
-import signal
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from gateway.errors import (
 )
 from gateway.host import imagefile
 from gateway.host.imagefile import FileId
+from gateway.log import fields
 from gateway.nbd.nodes import (
     DEFAULT_IO,
     ExportSpec,
@@ -60,31 +62,18 @@ from gateway.nbd.nodes import (
     teardown_order,
 )
 from gateway.nbd.qmp import Event, QMPError
-from gateway.nbd.qmp_trio import QMPClient, Sent
+from gateway.nbd.qmp_trio import QMPClient, Sent, sent_log
 
+log = logging.getLogger("gateway.nbd.qsd")
 QSD_BINARY = "qemu-storage-daemon"
 START_TIMEOUT = 10.0
 MAX_UNIX_PATH = 107
+ARGV_LIMIT = 16  # command lines kept in `argvs`, newest last
+STOP_GRACE = 3.0  # seconds after SIGTERM before SIGKILL
 
 
 class QSDError(BackendError):
     """qemu-storage-daemon could not be started or stopped."""
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
-async def _wait_pidfd(pidfd: int, timeout: float) -> bool:
-    """True once the process behind `pidfd` has exited, False on timeout."""
-    with trio.move_on_after(timeout):
-        await trio.lowlevel.wait_readable(pidfd)
-        return True
-    return False
 
 
 def _pin_chain(spec: ExportSpec) -> dict[str, tuple[int, FileId]]:
@@ -98,6 +87,10 @@ def _pin_chain(spec: ExportSpec) -> dict[str, tuple[int, FileId]]:
             os.close(fd)
         raise
     return pins
+
+
+def _export_deleted(export_id: object, event: Event) -> bool:
+    return event.name == "BLOCK_EXPORT_DELETED" and event.data.get("id") == export_id
 
 
 def map_qmp_error(spec: ExportSpec, exc: QMPError) -> Exception:
@@ -130,8 +123,8 @@ class StorageDaemon:
             if len(str(p).encode()) > MAX_UNIX_PATH:
                 raise InvalidArgument(f"storage daemon: socket path too long: {p}")
         self.argv: list[str] = []
-        self.argvs: list[list[str]] = []
-        self.sent: Sent = []
+        self.argvs: collections.deque[list[str]] = collections.deque(maxlen=ARGV_LIMIT)
+        self.sent: Sent = sent_log()
         self.events: collections.deque[Event] = collections.deque(maxlen=100)
         self.generation = 0
         self.restarts = 0
@@ -142,7 +135,13 @@ class StorageDaemon:
         self._lock = trio.Lock()
         self._ready = trio.Event()
         self._qmp: QMPClient | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: command.Child | None = None
+        self._pid: int | None = None  # the QSD being supervised (our child, or adopted)
+        # gatewayd sets this: QSD outlives the supervisor (its exports serve the data plane),
+        # and the next gatewayd adopts it. False (the default, and `shutdown --all`): stopped
+        # when the supervisor ends.
+        self.keep_running = False
+        self.adopted = 0  # generations that adopted a running QSD instead of starting one
 
     # ---- public API ----------------------------------------------------------------------------
 
@@ -162,13 +161,16 @@ class StorageDaemon:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+        if self._proc is not None:
+            return self._proc.pid if command.alive(self._proc) else None
+        return self._pid if self._pid is not None and command.alive(self._pid) else None
 
     def health(self) -> dict[str, Any]:
         return {
             "ready": self._ready.is_set(),
             "pid": self.pid,
             "generation": self.generation,
+            "adopted": self.adopted,
             "restarts": self.restarts,
             "last_restart_seconds": self.last_restart_seconds,
             "exports": sorted(self._specs),
@@ -300,7 +302,8 @@ class StorageDaemon:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        await self._kill_stale()
+        if not self.keep_running:
+            await self._kill_stale()
         started = False
         backoff = 0.0
         died_at: float | None = None
@@ -319,7 +322,8 @@ class StorageDaemon:
                     if not started:
                         raise
                 if not self.restart:
-                    raise QSDError("qemu-storage-daemon exited: " + _last_line(self.log_path))
+                    raise QSDError("qemu-storage-daemon exited: "
+                                   + command.stderr_tail(self.log_path))
                 died_at = trio.current_time()
                 self.restarts += 1
                 lived = died_at - born
@@ -330,8 +334,19 @@ class StorageDaemon:
             self._ready = trio.Event()
             self._qmp = None
 
-    @contextlib.asynccontextmanager
-    async def _generation(self) -> AsyncIterator[trio.Event]:
+    def _running_pid(self) -> int | None:
+        """The QSD a previous supervisor left serving this run dir (its pidfile, its QMP socket
+        on the command line), if it still runs."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        if b"qemu-storage-daemon" in cmdline and str(self.qmp_path).encode() in cmdline:
+            return pid if command.alive(pid) else None
+        return None
+
+    def _spawn(self) -> command.Child:
         for p in (self.qmp_path, self.nbd_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -339,22 +354,37 @@ class StorageDaemon:
         self.argv = argv
         self.argvs.append(argv)
         try:
-            proc = command.spawn(argv, stderr_path=str(self.log_path))
+            return command.spawn(argv, stderr_path=str(self.log_path))
         except CommandError as exc:
             raise QSDError(exc.message) from exc
-        self._proc = proc
+
+    @contextlib.asynccontextmanager
+    async def _generation(self) -> AsyncIterator[trio.Event]:
+        """One QSD's life under this supervisor: a new one, or (keep_running) the one a
+        previous gatewayd left, adopted through its QMP socket with its exports as they are."""
+        found = self._running_pid() if self.keep_running else None
+        proc: command.Child | None = None
+        if found is None:
+            proc = self._spawn()
+            pid = proc.pid
+        else:
+            pid = found
+            self.adopted += 1
+            log.info("adopting the running qemu-storage-daemon", extra=fields(pid=pid))
+        self._proc, self._pid = proc, pid
         self.generation += 1
-        pidfd = os.pidfd_open(proc.pid)
+        pidfd = os.pidfd_open(pid)
+        lost = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                lost = trio.Event()
 
                 async def watch_death() -> None:
                     await trio.lowlevel.wait_readable(pidfd)
                     lost.set()
 
                 nursery.start_soon(watch_death)
-                await self._wait_socket(proc)
+                if proc is not None:
+                    await self._wait_socket(proc)
                 async with QMPClient.connect(str(self.qmp_path), sent=self.sent,
                                              on_event=self.events.append,
                                              name="qemu-storage-daemon",
@@ -365,13 +395,17 @@ class StorageDaemon:
                         lost.set()
 
                     nursery.start_soon(watch_qmp)
-                    await qmp.execute("nbd-server-start", {
-                        "addr": {"type": "unix", "data": {"path": str(self.nbd_path)}}})
+                    if proc is not None:
+                        await qmp.execute("nbd-server-start", {
+                            "addr": {"type": "unix", "data": {"path": str(self.nbd_path)}}})
                     # root only, whatever umask QSD was started with (NBD has no peer check)
                     for sock in (self.nbd_path, self.qmp_path):
                         os.chmod(sock, 0o600)
                     async with self._lock:
-                        await self._readd(qmp)
+                        if proc is not None:
+                            await self._readd(qmp)
+                        else:
+                            await self._resync(qmp)
                         self._qmp = qmp
                         self._ready.set()
                     try:
@@ -385,8 +419,75 @@ class StorageDaemon:
                 raise
             raise QSDError(f"qemu-storage-daemon: {exc.message}") from exc
         finally:
-            with trio.CancelScope(shield=True):
-                await self._stop(proc, pidfd)
+            if lost.is_set() or not self.keep_running:
+                with trio.CancelScope(shield=True):
+                    await self._stop(proc if proc is not None else pid, pidfd)
+            else:  # the supervisor ends, QSD goes on serving: the next gatewayd adopts it
+                trio.lowlevel.notify_closing(pidfd)
+                os.close(pidfd)
+                self._proc = self._pid = None
+
+    async def _resync(self, qmp: QMPClient) -> None:
+        """An adopted QSD: keep the exports it serves that are still wanted (their nodes are
+        named after the volume, so the same spec has the same nodes), add the missing ones,
+        remove the rest."""
+        serving = {e.get("id") for e in await qmp.execute("query-block-exports")
+                   if isinstance(e, dict)}
+        wanted = dict(self._specs)
+        for spec in self.desired():
+            wanted[spec.name] = spec
+        self._specs.clear()
+        self._file_ids.clear()
+        for spec in wanted.values():
+            if node_names(spec).export_id in serving:
+                serving.discard(node_names(spec).export_id)
+                pins = await trio.to_thread.run_sync(_pin_chain, spec)
+                for fd, _ in pins.values():
+                    os.close(fd)
+                self._specs[spec.name] = spec
+                self._file_ids[spec.name] = pins[spec.name][1]
+                continue
+            try:
+                await self._add(qmp, spec)
+            except (QMPError, Conflict, NotFound, FormatError, PermissionDenied,
+                    InvalidArgument) as exc:
+                self.failures[spec.name] = str(exc)
+                continue
+            self._specs[spec.name] = spec
+        for export_id in serving:
+            log.warning("removing an export nobody wants", extra=fields(id=export_id))
+            gone = qmp.watch(functools.partial(_export_deleted, export_id))
+            try:
+                await qmp.execute("block-export-del", {"id": export_id, "mode": "hard"})
+                with trio.move_on_after(10):
+                    await gone.wait()
+            except QMPError as exc:
+                log.warning("removing an export failed", extra=fields(id=export_id,
+                                                                      error=exc.desc))
+            finally:
+                qmp.unwatch(gone)
+        await self._delete_unwanted_nodes(qmp)
+
+    async def _delete_unwanted_nodes(self, qmp: QMPClient) -> None:
+        """Nodes of ours (gw*/gb*/gt* names) that no wanted export uses: what an export left
+        when it went away with its gatewayd. Deleted top-down, as far as they let go."""
+        keep = {n for spec in self._specs.values() for n in teardown_order(spec)}
+        nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+        left = [n.get("node-name") for n in nodes if isinstance(n, dict)]
+        left = [n for n in left if isinstance(n, str) and n[:2] in ("gw", "gb", "gt")
+                and n not in keep]
+        while left:
+            deleted = []
+            for node in left:
+                try:
+                    await qmp.execute("blockdev-del", {"node-name": node})
+                    deleted.append(node)
+                except QMPError:
+                    continue  # still used by a node above it: next round
+            if not deleted:
+                log.warning("nodes left in qemu-storage-daemon", extra=fields(nodes=left))
+                return
+            left = [n for n in left if n not in deleted]
 
     async def _readd(self, qmp: QMPClient) -> None:
         wanted = dict(self._specs)
@@ -403,31 +504,27 @@ class StorageDaemon:
                 continue
             self._specs[spec.name] = spec
 
-    async def _wait_socket(self, proc: subprocess.Popen[bytes]) -> None:
+    async def _wait_socket(self, proc: command.Child) -> None:
         with trio.move_on_after(START_TIMEOUT):
             while not self.qmp_path.exists():
-                if proc.poll() is not None:
+                if not command.alive(proc):
                     raise QSDError("qemu-storage-daemon exited at start: "
-                                   + _last_line(self.log_path))
+                                   + command.stderr_tail(self.log_path))
                 await trio.sleep(0.002)
             return
         raise QSDError(f"qemu-storage-daemon: no QMP socket after {START_TIMEOUT:g}s")
 
-    async def _stop(self, proc: subprocess.Popen[bytes], pidfd: int) -> None:
+    async def _stop(self, proc: command.Child | int, pidfd: int) -> None:
         try:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                if not await _wait_pidfd(pidfd, 3.0):
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await _wait_pidfd(pidfd, 5.0)
-            proc.wait(timeout=5)
+            ended = await command.stop_async(proc, grace=STOP_GRACE, kill_wait=5.0, pidfd=pidfd)
+            if ended is command.Ended.STUCK:
+                log.error("qemu-storage-daemon would not die",
+                          extra=fields(pid=proc if isinstance(proc, int) else proc.pid,
+                                       generation=self.generation))
         finally:
             trio.lowlevel.notify_closing(pidfd)
             os.close(pidfd)
-            if self._proc is proc:
-                self._proc = None
+            self._proc = self._pid = None
 
     async def _kill_stale(self) -> None:
         """Kill a QSD left behind by a crashed gatewayd (its pidfile names our run dir's socket)."""
@@ -435,24 +532,21 @@ class StorageDaemon:
             pid = int(self.pid_path.read_text().strip())
         except (OSError, ValueError):
             pid = 0
-        if pid > 0:
+        pidfd = command.open_pidfd(pid) if pid > 0 else None
+        if pidfd is not None:
             try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                cmdline = b""
-            if b"qemu-storage-daemon" in cmdline and str(self.qmp_path).encode() in cmdline:
+                # checked after the pidfd is open, so the signal reaches the process checked
                 try:
-                    pidfd = os.pidfd_open(pid)
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:
-                    pidfd = -1
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                if pidfd >= 0:
-                    try:
-                        if not await _wait_pidfd(pidfd, 5.0):
-                            raise QSDError(f"stale qemu-storage-daemon {pid} did not die")
-                    finally:
-                        os.close(pidfd)
+                    cmdline = b""
+                if b"qemu-storage-daemon" in cmdline and str(self.qmp_path).encode() in cmdline:
+                    ended = await command.stop_async(pid, grace=0, kill_wait=5.0, pidfd=pidfd)
+                    if ended is command.Ended.STUCK:
+                        raise QSDError(f"stale qemu-storage-daemon {pid} did not die")
+            finally:
+                trio.lowlevel.notify_closing(pidfd)
+                os.close(pidfd)
         for p in (self.qmp_path, self.nbd_path, self.pid_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway import command
+
 BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class CtlResult:
+    """What one gatewayctl run printed, and how it exited."""
+
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 @dataclass
@@ -21,7 +31,7 @@ class Daemon:
     log_path: Path
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
+    proc: command.Child | None = None
     wrapper: list[str] = field(default_factory=list)  # e.g. prlimit ...; it must exec gatewayd
 
     @property
@@ -31,10 +41,8 @@ class Daemon:
     def start(self, timeout: float = 30.0) -> None:
         argv = [*self.wrapper, str(BIN / "gatewayd"), "--state-dir", str(self.state_dir),
                 "--run-dir", str(self.run_dir), "--log-level", "debug", *self.extra_args]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **self.env})
-        log.close()
+        self.proc = command.spawn(argv, stderr_path=str(self.log_path), env=self.env,
+                                  new_session=False)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -50,16 +58,22 @@ class Daemon:
         except OSError:
             return ""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0, *,
+             everything: bool = True) -> int:
+        """Stop gatewayd. With SIGTERM and `everything` (the default) it is a full stop, as
+        `gatewayctl shutdown --all --force` does: mounts, exports, the data plane and QSD go
+        too. Without `everything`, or with another signal, only gatewayd goes: the data plane,
+        QSD and every mount stay for the next gatewayd to adopt."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
+        if everything and sig == signal.SIGTERM and self.proc.poll() is None:
+            self.ctl("--wait", "0", "shutdown", "--all", "--force", timeout=timeout)
+            if command.wait(self.proc, timeout) is not None:
+                code = self.proc.wait()
+                self.proc = None
+                return code
+        command.stop(self.proc, grace=timeout, kill_wait=timeout, term=signal.Signals(sig))
+        code = self.proc.wait()
         self.proc = None
         return code
 
@@ -102,12 +116,16 @@ class Daemon:
         return leaked
 
     def ctl(self, *args: str, timeout: float = 120.0, user: str | None = None,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
+            check: bool = False, cwd: str | Path | None = None) -> CtlResult:
+        """Run gatewayctl (as `user`, in the working directory `cwd`, when given)."""
         argv = [str(BIN / "gatewayctl"), "--socket", str(self.socket), *args]
         if user is not None:
             argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        if cwd is not None:
+            argv = ["env", f"--chdir={cwd}", *argv]  # coreutils env: chdir, then exec
+        done = command.run(argv, timeout=timeout, check=False)
+        proc = CtlResult(argv, done.returncode, done.text,
+                         done.stderr.decode("utf-8", "replace"))
         if check and proc.returncode != 0:
             raise AssertionError(f"gatewayctl {' '.join(args)} failed: {proc.stderr}"
                                  f"\n--- gatewayd log ---\n{self.log_tail()}")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway import command
 from gateway.cli.demo import busybox_tree
 
 MARKER = "storage-gateway marker\n"
@@ -19,8 +19,7 @@ MIB = 1024 * 1024
 
 
 def run(*argv: str | os.PathLike[str], stdin: bytes | None = None) -> None:
-    subprocess.run([os.fspath(a) for a in argv], check=True, input=stdin,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command.run(argv, input=stdin, timeout=600.0)
 
 
 def build_rootfs_tree(root: Path) -> Path:

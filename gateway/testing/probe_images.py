@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import subprocess
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from gateway import command
 
 MIB = 1024 * 1024
 LINUX_GUID = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
@@ -19,8 +20,7 @@ FS_SIZES = {"ext2": 8, "ext3": 8, "ext4": 8, "xfs": 320, "btrfs": 128, "vfat12":
 
 
 def sh(*argv: str | os.PathLike[str], stdin: bytes | None = None) -> str:
-    proc = subprocess.run([os.fspath(a) for a in argv], input=stdin, capture_output=True,
-                          check=False)
+    proc = command.run(argv, input=stdin, timeout=600.0, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed: {proc.stderr.decode(errors='replace')[-300:]}")
     return proc.stdout.decode(errors="replace")

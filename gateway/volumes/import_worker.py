@@ -40,7 +40,6 @@ import resource
 import select
 import signal
 import stat
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -66,6 +65,8 @@ POLL = 0.1
 EXTRACT_MEMORY = 1 << 30  # address space cap while tar headers are parsed (a huge PAX header)
 EXTRACT_SHARE = 80.0  # progress: extraction 0..80, mkfs.ext4 80..100
 MAX_MESSAGE = 1 << 16
+KILL_WAIT = 60.0  # seconds for a SIGKILLed worker (or zstd) to be gone: it may be in I/O
+ZSTD_EXIT_WAIT = 5.0  # seconds for zstd to exit after its stream ended
 CLONE_NEWUSER = 0x10000000
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
@@ -157,17 +158,10 @@ def _reclaim(scratch: Path, ident: tuple[int, int]) -> None:
         os.close(fd)
 
 
-def _last_line(path: str) -> str:
-    with open(path, "rb") as f:
-        f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-        lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
-    return next((ln for ln in reversed(lines) if ln), "")
-
-
 class _Worker:
     """gatewayd's end of one running worker: its messages, control pipe, process group."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], messages: int, control: int, log: str,
+    def __init__(self, proc: command.Child, messages: int, control: int, log: str,
                  watch: Callable[[], None]) -> None:
         self.proc = proc
         self.control = control
@@ -217,17 +211,14 @@ class _Worker:
     def _died(self) -> ImportWorkerError:
         self.stop()
         code = self.proc.returncode
-        why = f"killed by signal {-code}" if code < 0 else f"exit {code}"
-        return ImportWorkerError(f"import worker failed: {_last_line(self.log) or why}")
+        why = ("would not exit" if code is None
+               else f"killed by signal {-code}" if code < 0 else f"exit {code}")
+        return ImportWorkerError(f"import worker failed: {command.stderr_tail(self.log) or why}")
 
     def stop(self) -> None:
         """Kill what is left of the worker's process group, then reap the worker."""
         if self.proc.returncode is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+            command.stop(self.proc, grace=0, kill_wait=KILL_WAIT, group=True)
 
 
 @dataclass(frozen=True)
@@ -389,21 +380,17 @@ def _at_end(fd: int) -> bool:
         return False
 
 
-def _zstd_failure(proc: subprocess.Popen[bytes], stderr: int) -> str | None:
+def _zstd_failure(proc: command.Child, stderr: int) -> str | None:
     """zstd's last stderr line if it failed (it has exited or is exiting), else None."""
-    try:
-        code = proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        return None
-    if code == 0:
+    code = command.wait(proc, ZSTD_EXIT_WAIT)
+    if code is None or code == 0:
         return None
     os.set_blocking(stderr, False)
     try:
-        text = os.read(stderr, MAX_MESSAGE).decode(errors="replace")
+        text = os.read(stderr, MAX_MESSAGE)
     except BlockingIOError:
-        text = ""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else f"exit {code}"
+        text = b""
+    return command.last_line(text) or f"exit {code}"
 
 
 def _extract_zstd(options: argparse.Namespace) -> tarball.Extracted:
@@ -432,9 +419,7 @@ def _extract_zstd(options: argparse.Namespace) -> tarball.Extracted:
             raise FormatError(f"cannot decompress the tarball: {failure}")
         return extracted
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        command.stop(proc, grace=0, kill_wait=KILL_WAIT)
         os.close(err_r)
 
 

@@ -1,0 +1,2 @@
+"""Soak tests: long runs under `make soak` only (tests/conftest.py leaves this directory out
+otherwise)."""
