@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -29,7 +30,9 @@ import trio
 from gateway import command
 from gateway.admin import client
 from gateway.admin.gateway import Gateway
+from gateway.nbd.backup import HELD_SPEED, BackupTarget, run_backup
 from gateway.nbd.nodes import ExportSpec, node_names
+from gateway.nbd.qsd import StorageDaemon
 from gateway.testing.daemon import Daemon
 from gateway.testing.images import MARKER, MIB, ImageSet, copy_image, make_fs_image
 from tests.conftest import InProcessGateway
@@ -324,6 +327,26 @@ def test_cancel_mid_copy_leaves_nothing_and_a_thawed_filesystem(rooted: Daemon,
     gw.ctl("volume", "rm", "big", check=True)
 
 
+@pytest.mark.timeout(180)
+def test_a_stopping_gatewayd_stops_the_copies_and_leaves_no_partial_file(
+        rooted: Daemon, tmp_path: Path) -> None:
+    gw = rooted
+    image = big_volume(tmp_path)
+    gw.ctl("volume", "add", "big", str(image), "--format", "raw", check=True)
+    gw.ctl("mount", "big", check=True)
+    start_job(gw, "volume-snapshot", {"name": "big", "to": "half", "rate_limit": 4 * MIB})
+    queued = client.call(gw.socket, "volume-save", {  # waits for the snapshot (the volume lock)
+        "name": "big", "file": str(tmp_path / "out" / "big.raw"), "format": "raw",
+        "rate_limit": 4 * MIB})
+    assert queued["state"] == "running"
+    assert gw.stop() == 0  # shutdown --all --force: the jobs stop, then the volume goes
+    assert os.listdir(tmp_path / "out") == []
+    assert [n for n in os.listdir(tmp_path / "state" / "volumes") if "half" in n] == []
+    assert image.read_bytes()[:4096]  # the source is still there, and free again
+    subprocess.run(["qemu-img", "info", "-f", "raw", str(image)], check=True,
+                   capture_output=True, timeout=30)
+
+
 @pytest.mark.timeout(120)
 def test_save_writes_only_new_files_under_the_allowed_roots(rooted: Daemon,
                                                              tmp_path: Path) -> None:
@@ -415,3 +438,97 @@ async def test_a_freeze_is_bounded_and_thawed_once(kernel_mount: Path,
     await instant.started()
     assert not instant.by_limit and len(held) == 2
     await trio.to_thread.run_sync(write_and_sync, kernel_mount / "f")
+
+
+# ---- the backup job in a real QSD ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_run_backup_holds_its_start_and_never_leaves_a_job_behind(
+        qsd: StorageDaemon, tmp_path: Path) -> None:
+    source = tmp_path / "src.raw"
+    source.write_bytes(os.urandom(32 * MIB))
+    spec = ExportSpec("src", str(source), "raw", read_only=False)
+    await qsd.export(spec)
+    qmp = await qsd.wait_ready()
+    node = node_names(spec).fmt
+
+    def blank(path: Path) -> Path:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), str(32 * MIB)],
+                       check=True)
+        return path
+
+    # held: the job waits at HELD_SPEED until the instant's callback returns, then runs free
+    held = await trio.to_thread.run_sync(blank, tmp_path / "held.raw")
+    speeds: list[int] = []
+
+    async def started() -> None:
+        speeds.extend(j["speed"] for j in await qmp.execute("query-block-jobs"))
+    await run_backup(qmp, node, BackupTarget("held", str(held), "raw"), on_started=started,
+                     hold=True)
+    assert speeds == [HELD_SPEED]
+    assert ("block-job-set-speed", {"device": "held", "speed": 0}) in list(qsd.sent)
+    assert await trio.to_thread.run_sync(held.read_bytes) == source.read_bytes()
+
+    # the caller's own cancellation (gatewayd stopping) stops QSD's job too
+    slow = await trio.to_thread.run_sync(blank, tmp_path / "slow.raw")
+    target = BackupTarget("slow", str(slow), "raw", rate_limit=MIB)
+    done: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(run_backup, qmp, node, target,
+                                             progress=done.append))
+        with trio.fail_after(20):
+            while not any(p > 0 for p in done):
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert await qmp.execute("query-jobs") == []
+    nodes = {n["node-name"] for n in await qmp.execute("query-named-block-nodes")}
+    assert not set(target.nodes) & nodes
+    assert ("block-job-cancel", {"device": "slow", "force": True}) in list(qsd.sent)
+    await qsd.unexport("src")
+
+
+# ---- async jobs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+async def test_async_jobs_are_cancelled_through_their_event() -> None:
+    from gateway.admin.jobs import JobTable
+    from gateway.errors import Cancelled, InternalError
+
+    table = JobTable()
+
+    async def waits(progress: Any, cancel: trio.Event) -> dict[str, Any]:
+        progress(40.0)
+        await cancel.wait()
+        raise Cancelled("stopped by the test")
+
+    async def done(progress: Any, cancel: trio.Event) -> dict[str, Any]:
+        return {"ok": True}
+
+    async def ended(job_id: str) -> dict[str, Any]:
+        with trio.fail_after(10):
+            while (job := table.get(job_id)).state == "running":
+                await trio.sleep(0.01)
+        return job.to_json()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(table.run)
+        with pytest.raises(InternalError, match="not reserved"):
+            table.start_async("snapshot", "new", done)
+        table.reserve("new")
+        first = table.start_async("snapshot", "new", waits)
+        with trio.fail_after(10):
+            while table.get(first.id).progress < 40:
+                await trio.sleep(0.01)
+        table.cancel(first.id)
+        out = await ended(first.id)
+        assert out["state"] == "failed" and out["error"] == {
+            "code": "cancelled", "message": f"job {first.id} cancelled"}
+        assert not table.is_reserved("new")  # released when the job ended
+        second = table.start_async("save", "v", done, reserved=False)
+        assert (await ended(second.id))["result"] == {"ok": True}
+        third = table.start_async("save", "v", waits, reserved=False)
+        table.halt_all()
+        assert (await ended(third.id))["error"]["code"] == "cancelled"
+        nursery.cancel_scope.cancel()

@@ -27,7 +27,8 @@ PREFIX = "e2e-snap-"
 # The container's init: line i is "i UPTIME", appended and fsynced; a failure is written down.
 WRITER = ("i=0; while :; do i=$((i+1)); read up rest < /proc/uptime; "
           "echo \"$i $up\" >> /root/lines || echo \"write $i\" >> /root/errors; "
-          "sync -d /root/lines || echo \"sync $i\" >> /root/errors; sleep 0.02; done")
+          "out=$(sync -d /root/lines 2>&1) || echo \"sync $i $? $out\" >> /root/errors; "
+          "sleep 0.02; done")
 
 
 def virsh(*args: str) -> subprocess.CompletedProcess[str]:

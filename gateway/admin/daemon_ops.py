@@ -49,6 +49,7 @@ async def shutdown(gw: Gateway, args: Args) -> dict[str, Any]:
             for name in running:
                 await trio.to_thread.run_sync(functools.partial(stop_domain, name, uri=uri))
                 gw.domain_volumes.pop(name, None)
+        gw.jobs.halt_all()  # a copy holds its volume's lock: stop it before the unmounts
         await gw.rootfs.unmount_all()
         await gw.exports.close_all()
         view = gw.exports.view

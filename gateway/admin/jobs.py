@@ -185,6 +185,13 @@ class JobTable:
         log.info("job cancel requested", extra=fields(job=job.id, volume=job.volume))
         return job
 
+    def halt_all(self, why: str = SHUTDOWN) -> None:
+        """Tell every running job to stop (`shutdown --all`: a copy holding a volume's lock
+        must not make the unmounts behind it wait for the whole copy)."""
+        for job in self._jobs.values():
+            if job.state == "running" and not job.registering:
+                job.halt(why)
+
     def _prune(self) -> None:
         finished = [j for j in self._jobs.values() if j.state != "running"]
         for job in (finished[:-self._keep] if self._keep else finished):

@@ -251,6 +251,12 @@ async def _copy_now(gw: Gateway, name: str, target: BackupTarget,
                                on_freeze=gw.metrics.observe_freeze)
 
 
+def _check_going(cancel: trio.Event, what: str) -> None:
+    """A job told to stop while it waited for the volume lock does not start its copy."""
+    if cancel.is_set():
+        raise Cancelled(f"{what} cancelled")
+
+
 def _remove_files(*paths: Path) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
@@ -288,6 +294,7 @@ async def volume_snapshot(gw: Gateway, args: Args) -> dict[str, Any]:
     async def body(progress: Callable[[float], None], cancel: trio.Event) -> dict[str, Any]:
         try:
             async with gw.lock(name):
+                _check_going(cancel, f"snapshot {new}")
                 source = gw.catalog.volume(name)
                 await trio.to_thread.run_sync(lambda: qemu_img.create(
                     partial, fmt, source.virtual_size))
@@ -340,6 +347,7 @@ async def volume_save(gw: Gateway, args: Args) -> dict[str, Any]:
     async def body(progress: Callable[[float], None], cancel: trio.Event) -> dict[str, Any]:
         try:
             async with gw.lock(name):
+                _check_going(cancel, f"save of {name}")
                 source = gw.catalog.volume(name)
                 await trio.to_thread.run_sync(save.format_output, out, fmt, source.virtual_size)
                 target = BackupTarget(job_id=_qsd_job_id("save"), path=out.proc_path, fmt=fmt,
@@ -355,7 +363,8 @@ async def volume_save(gw: Gateway, args: Args) -> dict[str, Any]:
                 await trio.to_thread.run_sync(out.remove)
             raise
         finally:
-            out.close()
+            with trio.CancelScope(shield=True):  # a close may flush: not on the trio thread
+                await trio.to_thread.run_sync(out.close)
         gw.metrics.count_snapshot(taken.consistency)
         log.info("volume saved", extra=fields(volume=name, file=str(out.path), format=fmt,
                                               compress=compress, **taken.to_json()))

@@ -30,7 +30,6 @@ from gateway.attach.manager import RootfsManager, reconcile_all
 from gateway.attach.states import SERVING, AttachmentEvent, AttachmentState, transition
 from gateway.catalog import Catalog, Volume
 from gateway.config import Settings, check_linger, parse_roots
-from gateway.daemon import heap
 from gateway.daemon.metrics import Metrics
 from gateway.dataplane import process as dataplane
 from gateway.dataplane.view import RemoteView
@@ -276,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     settings = parse_args(argv)
     gwlog.setup(settings.log_level)
-    heap.retain_io_buffers()
+    # No heap.retain_io_buffers() here: the block view's I/O buffers live in the data plane,
+    # which retains them; in gatewayd the policy only kept freed worker-thread memory resident,
+    # and RSS crept up with every mount (issue 15 soak: ~0.4-1.5 KiB per mount/umount cycle).
     try:
         trio.run(serve, settings)
     except KeyboardInterrupt:

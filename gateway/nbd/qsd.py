@@ -396,8 +396,11 @@ class StorageDaemon:
 
                     nursery.start_soon(watch_qmp)
                     if proc is not None:
+                        # max-connections: QSD's default is 100, and every volume has two
+                        # connections (the data plane's and gatewayd's): 0 lifts the limit.
                         await qmp.execute("nbd-server-start", {
-                            "addr": {"type": "unix", "data": {"path": str(self.nbd_path)}}})
+                            "addr": {"type": "unix", "data": {"path": str(self.nbd_path)}},
+                            "max-connections": 0})
                     # root only, whatever umask QSD was started with (NBD has no peer check)
                     for sock in (self.nbd_path, self.qmp_path):
                         os.chmod(sock, 0o600)

@@ -7,12 +7,14 @@ go on writing to it:
    writes through;
 2. the point in time: bind mode freezes the kernel filesystem (FIFREEZE on RUN_DIR/mnt/VOL, in a
    worker thread), then starts the backup job and thaws at once, whatever happens (the freeze
-   lasts a few milliseconds and its length is reported). The freeze is bounded: if QSD has not
-   started the job FREEZE_LIMIT seconds after the freeze, the filesystem is thawed anyway and
-   the copy is only crash-consistent. Fuse mode cannot freeze fuse2fs, so what can be flushed is
-   flushed (syncfs on the fuse2fs mount pushes the kernel's dirty pages to fuse2fs, then the
-   export's NBD flush) and the copy is crash-consistent, as is a bind mount whose host view was
-   released (nothing left on the host to freeze); an unmounted volume needs nothing;
+   lasts tens of milliseconds, mostly FIFREEZE's own writeback, and its length is reported;
+   the job is held back until the thaw is done, see run_backup's `hold`). It is bounded: if
+   QSD has not started the job FREEZE_LIMIT seconds after the freeze, the filesystem is thawed
+   anyway and the copy is only crash-consistent. Fuse mode cannot freeze fuse2fs, so what can
+   be flushed is flushed (syncfs on the fuse2fs mount pushes the kernel's dirty pages to
+   fuse2fs, then the export's NBD flush) and the copy is crash-consistent, as is a bind mount
+   whose host view was released (nothing left on the host to freeze); an unmounted volume
+   needs nothing;
 3. QSD's backup job copies the rest in the background (copy-before-write keeps the instant),
    reporting progress; a cancel stops it.
 
@@ -38,7 +40,7 @@ import trio
 from gateway.errors import BackendError
 from gateway.host import freeze
 from gateway.log import fields
-from gateway.nbd.backup import BackupTarget, Format, run_backup
+from gateway.nbd.backup import BackupTarget, run_backup
 from gateway.nbd.nodes import node_names
 
 if TYPE_CHECKING:
@@ -48,7 +50,6 @@ log = logging.getLogger("gateway.volumes.snapshot")
 FROZEN = "frozen"  # bind mode: filesystem frozen for the instant
 CRASH_CONSISTENT = "crash-consistent"  # fuse mode (or a released host view): as after a power cut
 UNMOUNTED = "unmounted"  # nothing was writing
-CONSISTENCIES = (FROZEN, CRASH_CONSISTENT, UNMOUNTED)
 FREEZE_LIMIT = 5.0  # seconds a filesystem may stay frozen, whatever QSD does
 SYNCFS_LIMIT = 30.0  # seconds to wait for a fuse2fs mount's syncfs
 
@@ -87,6 +88,9 @@ class Instant:
     async def freeze(self) -> None:
         if self.kernel_mount is None:
             return
+        # Written back before the freeze, while writers still run: FIFREEZE then has less to
+        # write while they wait.
+        await trio.to_thread.run_sync(_syncfs, self.kernel_mount)
         self.began = time.perf_counter()
         # Shielded: a freeze that happened is always known, so that it is always thawed.
         with trio.CancelScope(shield=True):
@@ -195,8 +199,3 @@ async def take(exports: Exports, name: str, target: BackupTarget, *, mounted: st
             with trio.CancelScope(shield=True):
                 await exports.close(name)
 
-
-def target_for(job_id: str, path: str, fmt: Format, compress: bool = False,
-               rate_limit: int | None = None) -> BackupTarget:
-    return BackupTarget(job_id=job_id, path=path, fmt=fmt, compress=compress,
-                        rate_limit=rate_limit)
