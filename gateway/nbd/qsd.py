@@ -433,31 +433,11 @@ class StorageDaemon:
     async def _resync(self, qmp: QMPClient) -> None:
         """An adopted QSD: keep the exports it serves that are still wanted (their nodes are
         named after the volume, so the same spec has the same nodes), add the missing ones,
-        remove the rest."""
-        serving = {e.get("id") for e in await qmp.execute("query-block-exports")
+        remove the rest with their nodes."""
+        serving = {str(e.get("id")) for e in await qmp.execute("query-block-exports")
                    if isinstance(e, dict)}
-        wanted = dict(self._specs)
-        for spec in self.desired():
-            wanted[spec.name] = spec
-        self._specs.clear()
-        self._file_ids.clear()
-        for spec in wanted.values():
-            if node_names(spec).export_id in serving:
-                serving.discard(node_names(spec).export_id)
-                pins = await trio.to_thread.run_sync(_pin_chain, spec)
-                for fd, _ in pins.values():
-                    os.close(fd)
-                self._specs[spec.name] = spec
-                self._file_ids[spec.name] = pins[spec.name][1]
-                continue
-            try:
-                await self._add(qmp, spec)
-            except (QMPError, Conflict, NotFound, FormatError, PermissionDenied,
-                    InvalidArgument) as exc:
-                self.failures[spec.name] = str(exc)
-                continue
-            self._specs[spec.name] = spec
-        for export_id in serving:
+        unwanted = await self._readd(qmp, serving)
+        for export_id in unwanted:
             log.warning("removing an export nobody wants", extra=fields(id=export_id))
             gone = qmp.watch(functools.partial(_export_deleted, export_id))
             try:
@@ -492,20 +472,35 @@ class StorageDaemon:
                 return
             left = [n for n in left if n not in deleted]
 
-    async def _readd(self, qmp: QMPClient) -> None:
+    async def _readd(self, qmp: QMPClient, serving: set[str] | None = None) -> set[str]:
+        """Serve every wanted export again; one already `serving` (an adopted QSD's, by export
+        id) is kept as it is. Returns the ids served that nobody wants any more."""
+        left = set(serving or ())
         wanted = dict(self._specs)
         for spec in self.desired():
             wanted[spec.name] = spec
         self._specs.clear()
         self._file_ids.clear()
         for spec in wanted.values():
+            export_id = node_names(spec).export_id
             try:
-                await self._add(qmp, spec)
+                if export_id in left:
+                    left.discard(export_id)
+                    # still the registered file? (checked as for a new export)
+                    pins = await trio.to_thread.run_sync(_pin_chain, spec)
+                    for fd, _ in pins.values():
+                        os.close(fd)
+                    self._file_ids[spec.name] = pins[spec.name][1]
+                else:
+                    await self._add(qmp, spec)
             except (QMPError, Conflict, NotFound, FormatError, PermissionDenied,
                     InvalidArgument) as exc:
                 self.failures[spec.name] = str(exc)
+                if serving is not None and export_id in serving:
+                    left.add(export_id)  # served, but no longer the registered file: it goes
                 continue
             self._specs[spec.name] = spec
+        return left
 
     async def _wait_socket(self, proc: command.Child) -> None:
         with trio.move_on_after(START_TIMEOUT):
