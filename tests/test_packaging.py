@@ -95,7 +95,18 @@ def test_installed_gatewayd_answers_status(installed: Path, tmp_path: Path) -> N
             time.sleep(0.1)
         assert json.loads(status.stdout)["healthy"] is True
     finally:
-        proc.terminate()
+        # everything: gatewayd, and the data plane and QSD it started (a signal ends gatewayd
+        # alone, and they would outlive the test)
+        subprocess.run([installed / "gatewayctl", "--socket", top / "run" / "admin.sock",
+                        "--wait", "0", "shutdown", "--all", "--force"], capture_output=True,
+                       timeout=120, check=False)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
         assert proc.wait(60) == 0, (top / "log").read_text()[-2000:]
+        left = subprocess.run(["pgrep", "-f", f"--run-dir {top / 'run'}"], capture_output=True,
+                              text=True).stdout.split()
+        assert left == [], f"processes left for {top / 'run'}: {left}"
         from gateway.attach.attachment import release_rootfs_root
         release_rootfs_root(top / "run")
