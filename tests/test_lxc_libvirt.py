@@ -94,7 +94,10 @@ def test_boot_enter_and_release_host_view(libvirt_env: LibvirtEnv,
     with pytest.raises(NotFound):
         domain.domain_state("t-enter", uri=libvirt_env.uri)
     if libvirt_env.hook_active:
-        assert [r["op"] for r in gatewayd.requests] == ["mount", "umount"]
+        # libvirt may run the release hook twice when destroy and the controller's exit race to
+        # clean up the same domain; gatewayd's umount is idempotent, so only the order matters.
+        ops = [r["op"] for r in gatewayd.requests]
+        assert ops[0] == "mount" and len(ops) >= 2 and set(ops[1:]) == {"umount"}, ops
 
 
 @pytest.mark.timeout(60)
