@@ -78,6 +78,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 out.append(_target(f"container start, {label} <= 1.1x plain dir", gw / plain,
                                    1.1, "lower", f"{gw * 1e3:.1f} ms vs {plain * 1e3:.1f} ms = "
                                    f"{gw / plain:.2f}x"))
+    if r.get("cli_overhead"):
+        out += _cli_targets(r["cli_overhead"])
+    if r.get("fio"):
+        out += _fio_targets(r["fio"])
     tp = r.get("throughput", {}).get("files")
     if tp:
         bv, nf = tp["block view"], tp["nbdfuse"]
@@ -86,6 +90,74 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(_target(f"block-view {key.split('_')[0]} reads >= 0.8x nbdfuse", a / b,
                                0.8, "higher", f"{a:.0f} vs {b:.0f} {unit} = {a / b:.2f}x"))
     return out
+
+
+CLI_OVERHEAD_LIMIT = 0.015  # seconds: gatewayctl's own cost per call (issue 20)
+CLI_TARGET_COMMANDS = ("status", "mount (warm, bind)")
+
+
+def cli_overheads(c: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per command: CLI and API p50/p90 and the overhead (CLI minus API) at each, in seconds."""
+    out: dict[str, dict[str, float]] = {}
+    for label, d in c["commands"].items():
+        row = {}
+        for q in (50, 90):
+            row[f"cli_p{q}"] = pct(d["cli"], q)
+            row[f"api_p{q}"] = pct(d["api"], q)
+            row[f"overhead_p{q}"] = row[f"cli_p{q}"] - row[f"api_p{q}"]
+        out[label] = row
+    return out
+
+
+def cli_markdown(c: dict[str, Any]) -> str:
+    rows = cli_overheads(c)
+    lines = [f"gatewayctl overhead against a real gatewayd, {c['runs']} runs each, CLI and "
+             "in-process client interleaved; overhead = CLI minus API at the same percentile.",
+             "", "| command | CLI p50 ms | CLI p90 | API p50 ms | overhead p50 ms | "
+             "overhead p90 ms |", "|---|---:|---:|---:|---:|---:|"]
+    for label, row in rows.items():
+        lines.append(f"| `{label}` | {_f(row['cli_p50'])} | {_f(row['cli_p90'])} | "
+                     f"{_f(row['api_p50'])} | {_f(row['overhead_p50'])} | "
+                     f"{_f(row['overhead_p90'])} |")
+    for label, vals in c.get("interpreter", {}).items():
+        lines.append(f"| `{label}` (context) | {_f(median(vals))} | {_f(pct(vals, 90))} | - | "
+                     "- | - |")
+    return "\n".join([*lines, ""])
+
+
+def _cli_targets(c: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = cli_overheads(c)
+    return [_target(f"gatewayctl overhead p50 <= 15 ms ({label})", rows[label]["overhead_p50"],
+                    CLI_OVERHEAD_LIMIT, "lower",
+                    f"{rows[label]['cli_p50'] * 1e3:.1f} ms CLI - "
+                    f"{rows[label]['api_p50'] * 1e3:.1f} ms API = "
+                    f"{rows[label]['overhead_p50'] * 1e3:.1f} ms")
+            for label in CLI_TARGET_COMMANDS if label in rows]
+
+
+FIO_LIMITS = {"iops": 0.9, "mib_s": 1.0}  # block view / nbdfuse aims (issue 20)
+
+
+def fio_markdown(f: dict[str, Any]) -> str:
+    io = ", ".join(f"{k}: {'O_DIRECT' if v else 'buffered'}" for k, v in f["direct"].items())
+    lines = [f"fio on one {f['size'] >> 20} MiB qcow2 export (random data), {f['engine']}, "
+             f"{f['runtime']:g} s per job ({io}); ratio = block view / nbdfuse.", "",
+             "| workload | iodepth | block view | nbdfuse | unit | ratio |",
+             "|---|---:|---:|---:|---|---:|"]
+    for row in f["rows"]:
+        unit = "IOPS" if row["figure"] == "iops" else "MiB/s"
+        lines.append(f"| {row['workload']} | {row['depth']} | {row['block view']:.0f} | "
+                     f"{row['nbdfuse']:.0f} | {unit} | {row['ratio']:.2f}x |")
+    return "\n".join([*lines, ""])
+
+
+def _fio_targets(f: dict[str, Any]) -> list[dict[str, Any]]:
+    unit = {"iops": "IOPS", "mib_s": "MiB/s"}
+    return [_target(f"block view {row['workload']} qd{row['depth']} >= "
+                    f"{FIO_LIMITS[row['figure']]}x nbdfuse", row["ratio"],
+                    FIO_LIMITS[row["figure"]], "higher",
+                    f"{row['block view']:.0f} vs {row['nbdfuse']:.0f} {unit[row['figure']]} = "
+                    f"{row['ratio']:.2f}x") for row in f["rows"]]
 
 
 def _f(seconds: float) -> str:
@@ -168,6 +240,10 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {label} | {median(d['seq_mib_s']):.0f} | "
                          f"{median(d['rand4k_iops']):.0f} | {d['io']} |")
         lines.append("")
+    if r.get("fio"):
+        lines.append(fio_markdown(r["fio"]))
+    if r.get("cli_overhead"):
+        lines.append(cli_markdown(r["cli_overhead"]))
     tg = r.get("targets")
     if tg:
         lines += ["| target | result | figures |", "|---|---|---|"]

@@ -16,6 +16,8 @@ compares figures taken minutes apart at most):
   container    `domain-start` until init runs, gateway rootfs vs a plain directory (libvirt-lxc)
   throughput   sequential and 4 KiB random reads of RUN_DIR/blk/VOL/disk vs nbdfuse on the same
                QSD export
+  fio          fio at iodepth 1 and 32 on the same two files (bench/fio_table.py)
+  cli          gatewayctl's own overhead per command (bench/cli_overhead.py)
 
 Writes OUT/latest.json, OUT/latest.png and OUT/latest.md and prints met/missed per target.
 --smoke: one iteration of a few paths, no plot, no container or size sweep (CI: tests/
@@ -46,9 +48,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import bench_report, mount_baselines
+from bench import bench_report, cli_overhead, fio_table, mount_baselines
 from gateway.admin.client import Client
 from gateway.attach.attachment import prepare_rootfs_root
+from gateway.errors import GatewayError
 from gateway.host import loopdev, mounts
 from gateway.testing.daemon import BIN, Daemon
 from gateway.testing.images import MIB, build_rootfs_tree, make_disk, make_fs_image, to_qcow2
@@ -261,8 +264,11 @@ class Bench:
                 c.close()
             for name in names:
                 with contextlib.suppress(Exception):
-                    self.api().call("umount", {"name": name})
-                self.api().call("volume-remove", {"name": name})
+                    self.api().call("umount", {"name": name, "force": True})
+                try:
+                    self.api().call("volume-remove", {"name": name})
+                except GatewayError as exc:  # recorded; the leak check at the end reports it
+                    failures.append(f"cleanup of {name}: {exc.message}")
         floor = self._floor_many(levels, reps)
         self.results["concurrency"] = {"reps": reps, "mode": "bind", "format": "qcow2",
                                        "wall": out, "failures": failures,
@@ -298,14 +304,14 @@ class Bench:
 
         drop_caches()
         wall, errors = wave("mount")
-        if errors:
-            raise RuntimeError(f"concurrent mount failed: {errors[0]!r}")
-        _, errors = wave("umount")
-        if errors:  # the mounts stand (wall is valid); a failed teardown is retried and reported
-            self.umount_failures.append(repr(errors[0]))
+        _, down = wave("umount")  # also after a failed wave: the next one starts from nothing
+        if down:  # the mounts stood (wall is valid); a failed teardown is retried and reported
+            self.umount_failures.append(repr(down[0]))
             for name in names:
                 with contextlib.suppress(Exception):
                     self.api().call("umount", {"name": name})
+        if errors:
+            raise RuntimeError(f"concurrent mount failed: {errors[0]!r}")
         return wall
 
     def _floor_wave(self, imgs: list[mount_baselines.Images]) -> float:
@@ -410,6 +416,30 @@ class Bench:
                   flush=True)
         self.results["throughput"] = {"size": size, "reps": reps, "rand_reads": rand_count,
                                       "uri": uri, "files": out}
+
+    # ---- gatewayctl overhead and fio (bench/cli_overhead.py, bench/fio_table.py) -------------
+
+    def cli(self) -> None:
+        assert self.daemon is not None
+        name = "cli-bench"
+        self.add(name, self.copy(self.qcow2, name + ".qcow2"), "qcow2")
+        try:
+            self.results["cli_overhead"] = cli_overhead.measure(
+                self.daemon.socket, name, 3 if self.smoke else 30)
+        finally:
+            self.api().call("volume-remove", {"name": name})
+        print(bench_report.cli_markdown(self.results["cli_overhead"]), flush=True)
+
+    def fio(self) -> None:
+        assert self.daemon is not None
+        if shutil.which("fio") is None:
+            self.results["fio_skipped"] = "fio is not installed (make apt)"
+            return
+        work = self.work / "fio"
+        work.mkdir()
+        self.results["fio"] = fio_table.measure(
+            self.api(), self.daemon.run_dir, work, size=(16 if self.smoke else 256) * MIB,
+            runtime=1.0 if self.smoke else 5.0, smoke=self.smoke)
 
     # ---- container start ---------------------------------------------------------------------
 
@@ -672,6 +702,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ("latency", lambda s: bench.latency()),
         ("concurrency", lambda s: bench.concurrency()),
         ("throughput", bench.throughput),
+        ("fio", lambda s: bench.fio()),
+        ("cli", lambda s: bench.cli()),
     ]
     if not args.smoke:
         sections.insert(2, ("size", lambda s: bench.size_sweep()))
@@ -717,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-container", action="store_true")
     ap.add_argument("--only", help="comma-separated sections (latency,concurrency,size,"
-                                   "throughput,container)")
+                                   "throughput,fio,cli,container)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("mount_latency: needs root (loop devices, mounts, drop_caches)", file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,9 @@ from typing import Any
 
 from gateway.attach.journal import Entry, decode_all, encode
 from gateway.attach.states import AttachmentState, stored
+from gateway.ceph.location import RbdImage
 from gateway.errors import AlreadyExists, CatalogError, Conflict, NotFound
+from gateway.userns.slices import IdMap
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: volumes with their pinned format and header facts.
@@ -78,6 +80,39 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE volumes SET nosuid = 1;
     ALTER TABLE volumes ADD COLUMN file_dev INTEGER;
     ALTER TABLE volumes ADD COLUMN file_ino INTEGER;
+    """,
+    # the id slice of each user-namespace attachment (gone with its attachment row); `domain`
+    # names the domain it was cut for, if any.
+    """
+    CREATE TABLE IF NOT EXISTS userns_slices (
+        volume TEXT PRIMARY KEY REFERENCES attachments(volume) ON DELETE CASCADE,
+        uid_first INTEGER NOT NULL,
+        gid_first INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        domain TEXT,
+        created TEXT NOT NULL
+    );
+    """,
+    # RBD volumes: where each image lives and how its cluster is reached (the volume's path
+    # column holds rbd:POOL/NAMESPACE/IMAGE; the pinned facts live in the image's metadata).
+    """
+    CREATE TABLE IF NOT EXISTS rbd_images (
+        volume TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE,
+        pool TEXT NOT NULL,
+        namespace TEXT NOT NULL DEFAULT '',
+        image TEXT NOT NULL,
+        conf TEXT,
+        ceph_user TEXT NOT NULL
+    );
+    """,
+    # tenants: who owns a volume (a uid; no row or NULL: the admin) and whether the admin
+    # published it for tenants to make overlays of.
+    """
+    CREATE TABLE IF NOT EXISTS volume_tenancy (
+        volume TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE,
+        owner INTEGER,
+        published INTEGER NOT NULL DEFAULT 0
+    );
     """,
 )
 ORIGINS = ("registered", "overlay", "copy", "blank", "import", "pool", "snapshot")
@@ -238,14 +273,17 @@ class Catalog:
             raise CatalogError(f"catalog: {exc}") from exc
 
     # Volumes.
-    def add_volume(self, volume: Volume) -> None:
+    def add_volume(self, volume: Volume, *, rbd: RbdImage | None = None,
+                   owner: int | None = None) -> None:
+        """Insert a volume (and, for an RBD volume, where its image lives; for a tenant's
+        volume, its `owner`) in one transaction."""
         try:
             with self.transaction() as db:
-                owner = db.execute("SELECT name FROM volumes WHERE path = ?",
-                                   (volume.path,)).fetchone()
-                if owner is not None:
+                holder = db.execute("SELECT name FROM volumes WHERE path = ?",
+                                    (volume.path,)).fetchone()
+                if holder is not None:
                     raise AlreadyExists(f"{volume.path} is already registered as volume "
-                                        f"{owner['name']}")
+                                        f"{holder['name']}")
                 if db.execute("SELECT 1 FROM volumes WHERE name = ?", (volume.name,)).fetchone():
                     raise AlreadyExists(f"volume {volume.name} already exists")
                 if volume.origin not in ORIGINS:
@@ -258,6 +296,14 @@ class Catalog:
                      int(volume.noexec), volume.created, json.dumps(volume.header),
                      volume.fstype, volume.origin, volume.base, json.dumps(volume.lineage),
                      *(volume.file_id or (None, None))))
+                if rbd is not None:
+                    db.execute("INSERT INTO rbd_images (volume, pool, namespace, image, conf, "
+                               "ceph_user) VALUES (?,?,?,?,?,?)",
+                               (volume.name, rbd.pool, rbd.namespace, rbd.image, rbd.conf,
+                                rbd.user))
+                if owner is not None:
+                    db.execute("INSERT INTO volume_tenancy (volume, owner) VALUES (?, ?)",
+                               (volume.name, owner))
         except sqlite3.Error as exc:
             raise CatalogError(f"catalog: {exc}") from exc
 
@@ -280,6 +326,58 @@ class Catalog:
                                "remove its overlays first")
             if db.execute("DELETE FROM volumes WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"no volume named {name}")
+
+    def check_new_volume(self, volume: Volume) -> None:
+        """AlreadyExists when `volume`'s name or path is taken (before writing elsewhere what
+        add_volume would then record; add_volume checks again, in its transaction)."""
+        owner = self._query("SELECT name FROM volumes WHERE path = ?", (volume.path,))
+        if owner:
+            raise AlreadyExists(f"{volume.path} is already registered as volume "
+                                f"{owner[0]['name']}")
+        if self._query("SELECT 1 FROM volumes WHERE name = ?", (volume.name,)):
+            raise AlreadyExists(f"volume {volume.name} already exists")
+
+    # Tenancy: a volume's owner (a uid; None: the admin) and whether it is published.
+    def owners(self) -> dict[str, int | None]:
+        """Every volume -> its owner."""
+        return {r["name"]: r["owner"] for r in self._query(
+            "SELECT v.name AS name, t.owner AS owner FROM volumes v "
+            "LEFT JOIN volume_tenancy t ON t.volume = v.name")}
+
+    def tenancy(self, name: str) -> tuple[int | None, bool]:
+        """A volume's owner (None: the admin) and whether it is published."""
+        rows = self._query("SELECT owner, published FROM volume_tenancy WHERE volume = ?",
+                           (name,))
+        return (rows[0]["owner"], bool(rows[0]["published"])) if rows else (None, False)
+
+    def published(self) -> frozenset[str]:
+        return frozenset(r["volume"] for r in self._query(
+            "SELECT volume FROM volume_tenancy WHERE published = 1"))
+
+    def set_owner(self, name: str, owner: int | None) -> None:
+        """Give a volume to the user `owner` (None: back to the admin)."""
+        self._set_tenancy(name, "owner", owner)
+
+    def set_published(self, name: str, published: bool) -> None:
+        """Whether tenants may make overlays of the volume."""
+        self._set_tenancy(name, "published", int(published))
+
+    def _set_tenancy(self, name: str, column: str, value: int | None) -> None:
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM volumes WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"no volume named {name}")
+            db.execute("INSERT OR IGNORE INTO volume_tenancy (volume) VALUES (?)", (name,))
+            # column is "owner" or "published", from the two callers above only
+            db.execute(f"UPDATE volume_tenancy SET {column} = ? WHERE volume = ?", (value, name))
+
+    def rbd_image(self, name: str) -> RbdImage | None:
+        """Where an RBD volume's image lives (None: the volume is a file)."""
+        rows = self._query("SELECT * FROM rbd_images WHERE volume = ?", (name,))
+        if not rows:
+            return None
+        row = rows[0]
+        return RbdImage(pool=row["pool"], namespace=row["namespace"], image=row["image"],
+                        conf=row["conf"], user=row["ceph_user"])
 
     def overlays_of(self, name: str) -> list[str]:
         """Volumes whose backing volume is `name`."""
@@ -407,3 +505,27 @@ class Catalog:
     def attachment(self, volume: str) -> AttachmentRecord | None:
         rows = self._query("SELECT * FROM attachments WHERE volume = ?", (volume,))
         return self._attachment(rows[0]) if rows else None
+
+    # Id slices of user-namespace attachments: a row lives as long as its attachment row.
+    def claim_slice(self, volume: str, pick: Callable[[list[IdMap]], IdMap],
+                    domain: str | None = None) -> IdMap:
+        """Record the slice `pick` chooses, given every other attachment's live slice, in one
+        transaction (so two claims never see the same free slot)."""
+        with self.transaction() as db:
+            taken = [IdMap(r["uid_first"], r["gid_first"], r["count"]) for r in db.execute(
+                "SELECT uid_first, gid_first, count FROM userns_slices WHERE volume != ?",
+                (volume,))]
+            chosen = pick(taken)
+            db.execute("INSERT OR REPLACE INTO userns_slices (volume, uid_first, gid_first, "
+                       "count, domain, created) VALUES (?,?,?,?,?,?)",
+                       (volume, chosen.uid_first, chosen.gid_first, chosen.count, domain, now()))
+        return chosen
+
+    def userns_slices(self) -> dict[str, tuple[IdMap, str | None]]:
+        """volume -> (its slice, the domain it was cut for)."""
+        return {r["volume"]: (IdMap(r["uid_first"], r["gid_first"], r["count"]), r["domain"])
+                for r in self._query("SELECT * FROM userns_slices ORDER BY volume")}
+
+    def userns_slice(self, volume: str) -> IdMap | None:
+        found = self.userns_slices().get(volume)
+        return found[0] if found is not None else None

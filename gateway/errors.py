@@ -79,6 +79,15 @@ class PermissionDenied(GatewayError):
     code = "permission-denied"
 
 
+class Forbidden(GatewayError):
+    """A peer that may use the admin socket asked for something its role has no right to (a
+    tenant naming another's volume, a host path, an admin-only op). `reason` is a short stable
+    word for metrics (gateway_refusals{reason})."""
+
+    code = "forbidden"
+    reason = "forbidden"
+
+
 class CommandError(GatewayError):
     """An external command failed; the message names the command and its last stderr line."""
 
@@ -89,6 +98,11 @@ class BackendError(GatewayError):
     """A component the gateway drives (QSD, libnbd, FUSE, libvirt) failed."""
 
     code = "backend-error"
+
+
+class ClusterError(BackendError):
+    """A Ceph cluster could not be reached in time, or refused a request (gateway/ceph maps
+    every librados and librbd error to this family)."""
 
 
 class TeardownError(BackendError):
@@ -124,8 +138,8 @@ class DaemonUnavailable(GatewayError):
 # One class per code, the most general one: what a client turns a code back into.
 FAMILY: tuple[type[GatewayError], ...] = (
     InternalError, InvalidArgument, MalformedRequest, NotFound, AlreadyExists, Conflict,
-    FormatError, ProbeError, PermissionDenied, CommandError, BackendError, TeardownError,
-    CatalogError, Cancelled, TooManyConnections, DaemonUnavailable,
+    FormatError, ProbeError, PermissionDenied, Forbidden, CommandError, BackendError,
+    TeardownError, CatalogError, Cancelled, TooManyConnections, DaemonUnavailable,
 )
 
 

@@ -1,4 +1,5 @@
-# Mount-latency benchmark (bench/mount_latency.py): JSON, PNG and markdown table in bench/results/.
+# Mount-latency benchmark (bench/mount_latency.py, with the fio and gatewayctl-overhead sections):
+# JSON, PNG and markdown table in bench/results/.
 BENCH_ARGS ?=
 
 bench: setup
@@ -12,3 +13,13 @@ bench-smoke: setup
 .PHONY: bench-snapshot
 bench-snapshot: setup
 	$(PY) -m bench.snapshot $(SNAPSHOT_BENCH_ARGS)
+
+# Data-plane throughput (bench/fio_table.py): fio on the block view's disk file against nbdfuse's
+# on one QSD export, iodepth 1 and 32; also a section of `make bench`.
+.PHONY: bench-fio bench-cli
+bench-fio: setup
+	$(PY) -m bench.fio_table --out bench/results $(FIO_BENCH_ARGS)
+
+# gatewayctl's own overhead per command (bench/cli_overhead.py); also a section of `make bench`.
+bench-cli: setup
+	$(PY) -m bench.cli_overhead --out bench/results $(CLI_BENCH_ARGS)

@@ -4,12 +4,16 @@ LOAD_VOLUMES ?= 100
 FUZZ_CORES_EXAMPLES ?= 20000
 SOAK_REPORT ?= soak-report.jsonl
 
-.PHONY: soak soak-faults soak-load soak-rss fuzz-cores reliability-test
+.PHONY: soak soak-faults soak-load soak-rss soak-summary fuzz-cores reliability-test
 
 # Every fault scenario SOAK_CYCLES times, then the load test with LOAD_VOLUMES volumes, then
 # RSS_CYCLES mount/umount cycles of one volume with gatewayd's memory measured.
 # One JSON line per cycle (recovery time, leaks, acked writes, fsck, fds) goes to SOAK_REPORT.
-soak: soak-faults soak-load soak-rss
+soak: soak-faults soak-load soak-rss soak-summary
+
+# Recovery and write-stall p50/max and leaks per fault scenario, from SOAK_REPORT.
+soak-summary: venv
+	$(PY) -m tests.faults.summary $(abspath $(SOAK_REPORT))
 
 soak-faults: native
 	SOAK_CYCLES=$(SOAK_CYCLES) SOAK_REPORT=$(abspath $(SOAK_REPORT)) $(PY) -m pytest -q -s \

@@ -12,13 +12,15 @@ import fcntl
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from gateway.libvirt import hook, libvirtd
+from gateway.libvirt import domain, hook, libvirtd
+from gateway.testing.daemon import Daemon
 
 
 @dataclass(frozen=True)
@@ -216,3 +218,48 @@ def libvirtd_mountpoint(path: Path) -> bool:
     from gateway.libvirt.hostprep import mount_propagation
 
     return mount_propagation(path) is not None
+
+
+def open_ancestors(run_dir: Path) -> dict[Path, int]:
+    """Search permission for others on the directories above the run dir (pytest's are 0700):
+    a tenant reaches the admin socket, and a container in a user namespace its rootfs, as
+    unprivileged host uids (gatewayd itself opens RUN_DIR, 0711, and RUN_DIR/rootfs, an ACL
+    entry per id slice). Returns the modes to put back. Call it again before each start that
+    needs it: another pytest session starting meanwhile puts /tmp/pytest-of-USER back to 0700."""
+    changed = {}
+    for parent in run_dir.parents:
+        mode = parent.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            changed[parent] = mode
+            parent.chmod(mode | 0o001)
+    return changed
+
+
+@contextmanager
+def serving_gatewayd(env: LibvirtEnv, tmp: Path, prefix: str, extra_args: Sequence[str] = (),
+                     *, skip_if_served: bool = False) -> Iterator[Daemon]:
+    """A real gatewayd on the run dir the session's libvirtd was prepared for (so its hook and
+    shared rootfs dir are this gatewayd's). Skips the test when the libvirtd was reused (no hook,
+    mounts do not reach it) or, with `skip_if_served`, when another gatewayd serves the run dir.
+    On exit the gateway domains named PREFIX* are stopped, then gatewayd with the whole data
+    plane, and nothing of it may be left but the session's shared rootfs root."""
+    if not (env.hook_active and env.mounts_visible):
+        pytest.skip("a libvirtd was already running: it has no gateway hook and does not see "
+                    "the test's shared dir")
+    if skip_if_served and env.socket_path.exists():
+        pytest.skip("another gatewayd serves the session's run dir")
+    run_dir = env.socket_path.parent
+    daemon = Daemon(state_dir=tmp / "state", run_dir=run_dir, log_path=tmp / "gatewayd.log",
+                    extra_args=["--libvirt-uri", env.uri, *extra_args])
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        for info in domain.list_domains(uri=env.uri):
+            if str(info["name"]).startswith(prefix):
+                domain.stop_domain(str(info["name"]), uri=env.uri)
+        code = daemon.stop()
+        leaked = [item for item in daemon.leftovers()
+                  if not item.endswith(f"mount {run_dir / 'rootfs'}")]
+        assert code == 0, f"gatewayd exited {code}:\n{daemon.log_tail()}"
+        assert not leaked, f"leaked: {leaked}"

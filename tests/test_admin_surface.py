@@ -46,6 +46,7 @@ from gateway.cli import main as cli
 from gateway.libvirt import hook
 from gateway.libvirt.domain import domain_xml
 from gateway.testing.images import ImageSet, copy_image
+from gateway.userns.slices import IdMap
 
 if TYPE_CHECKING:  # not imported: conftest marks modules that import it as integration only
     from gateway.testing.daemon import Daemon
@@ -80,13 +81,21 @@ EXAMPLES: list[list[str]] = [
     ["volume", "add", "v", "/abs/disk.img", "--format", "qcow2", "--nosuid"],
     ["volume", "add", "v", "--pool", "p", "--vol", "x.qcow2", "--format", "qcow2",
      "--read-only", "--fstype", "xfs", "--setuid", "--noexec"],
+    ["volume", "add", "v", "--rbd", "pool/ns/img", "--ceph-conf", "ceph.conf", "--ceph-user",
+     "gw", "--format", "raw", "--read-only", "--fstype", "ext4", "--setuid", "--noexec"],
     ["volume", "set", "v", "--setuid", "--noexec", "--json"],
     ["volume", "set", "v", "--no-setuid", "--no-noexec"],
+    ["volume", "release", "v", "--json"],
     ["volume", "ls", "--json"],
     ["volume", "show", "v", "--json"],
     ["volume", "rm", "v", "--json"],
+    ["volume", "publish", "v", "--json"],
+    ["volume", "unpublish", "v", "--json"],
+    ["volume", "chown", "v", "alice", "--json"],
     ["volume", "create", "v", "--from", "b", "--overlay", "--setuid", "--nosuid", "--json"],
     ["volume", "create", "v", "--from", "b", "--copy", "--format", "raw", "--noexec"],
+    ["volume", "create", "v", "--size", "1G", "--format", "raw", "--mkfs", "ext4", "--pool",
+     "rbd", "--ceph-conf", "ceph.conf", "--ceph-user", "gw"],
     ["volume", "create", "v", "--size", "1G", "--format", "qcow2", "--mkfs", "xfs", "--label",
      "root", "--partitioned"],
     ["volume", "import", "v", "--tarball", "root.tar", "--size", "256M", "--format", "qcow2",
@@ -102,9 +111,11 @@ EXAMPLES: list[list[str]] = [
     ["unexport", "v", "--json"],
     ["probe", "v", "--json"],
     ["mount", "v", "--mode", "fuse", "--json"],
+    ["mount", "v", "--userns"],
     ["umount", "v", "--force", "--json"],
     ["domain", "start", "d1", "--volume", "v", "--mode", "fuse", "--init", "/bin/sh", "--arg=-c",
      "--arg", "true", "--memory", "64", "--vcpus", "2", "--release-host-view", "--json"],
+    ["domain", "start", "d2", "--volume", "v", "--userns"],
     ["domain", "stop", "d1", "--json"],
     ["domain", "ls", "--json"],
     ["domain", "xml", "d1", "--volume", "v", "--mode", "bind", "--init", "/sbin/init", "--arg",
@@ -274,14 +285,18 @@ def test_clients_use_every_op_and_key(sent_by_cli: dict[str, dict[str, list[dict
     sock, script = tmp_path / "admin.sock", tmp_path / "lxc"
     script.write_text(hook.hook_script(str(sock), str(tmp_path / "chained"), sys.executable))
     script.chmod(0o755)
-    xml = domain_xml("dom1", "/run/gw/rootfs/v", "v", "bind")
-    for operation in ("prepare", "release"):
-        for request in run_hook(script, sock, operation, xml):
-            used.setdefault(request["op"], set()).update(request["args"])
+    plain = domain_xml("dom1", "/run/gw/rootfs/v", "v", "bind")
+    userns = domain_xml("dom2", "/run/gw/rootfs/v", "v", "bind",
+                        ids=IdMap(uid_first=2000000000, gid_first=2000000000, count=65536))
+    for xml in (plain, userns):
+        for operation in ("prepare", "release"):
+            for request in run_hook(script, sock, operation, xml):
+                used.setdefault(request["op"], set()).update(request["args"])
     assert set(used) == set(OPS)
     # keys only API callers send: `nosuid` (the old default spelled out) and `uri` (refused)
-    api_only = {(op, "nosuid") for op in ("volume-add", "volume-add-pool", "volume-create",
-                                          "volume-import")} | {("volume-add-pool", "uri")}
+    api_only = {(op, "nosuid") for op in ("volume-add", "volume-add-pool", "volume-add-rbd",
+                                          "volume-create", "volume-import")} | {
+        ("volume-add-pool", "uri")}
     unused = {(op, key) for op, spec in arguments.SPECS.items() for key in spec
               if key not in used.get(op, set())}
     assert unused == api_only

@@ -24,7 +24,7 @@ from gateway.libvirt import domain
 from gateway.libvirt.hook import is_ours
 from gateway.testing.daemon import Daemon
 from gateway.testing.images import MARKER, ImageSet, copy_image
-from tests.libvirt_env import LibvirtEnv, libvirt_env
+from tests.libvirt_env import LibvirtEnv, libvirt_env, serving_gatewayd
 
 __all__ = ["libvirt_env"]  # the session fixture
 
@@ -104,27 +104,9 @@ def add_volume(gw: Daemon, images: ImageSet, tmp: Path, volume: str, table: str,
 def lxc_gatewayd(libvirt_env: LibvirtEnv,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One gatewayd for the module, serving the run dir the session's libvirtd was prepared for."""
-    if not (libvirt_env.hook_active and libvirt_env.mounts_visible):
-        pytest.skip("a libvirtd was already running: it has no gateway hook and does not see "
-                    "the test's shared dir")
-    run_dir = libvirt_env.socket_path.parent
-    assert libvirt_env.shared_dir == run_dir / "rootfs"
-    tmp = tmp_path_factory.mktemp("e2e")
-    daemon = Daemon(state_dir=tmp / "state", run_dir=run_dir, log_path=tmp / "gatewayd.log",
-                    extra_args=["--libvirt-uri", libvirt_env.uri])
-    daemon.start()
-    try:
+    assert libvirt_env.shared_dir == libvirt_env.socket_path.parent / "rootfs"
+    with serving_gatewayd(libvirt_env, tmp_path_factory.mktemp("e2e"), PREFIX) as daemon:
         yield daemon
-    finally:
-        for info in domain.list_domains(uri=libvirt_env.uri):
-            if str(info["name"]).startswith(PREFIX):
-                domain.stop_domain(str(info["name"]), uri=libvirt_env.uri)
-        code = daemon.stop()
-        # The shared rootfs root stays: it belongs to the session's libvirt_env.
-        leaked = [item for item in daemon.leftovers()
-                  if not item.endswith(f"mount {run_dir / 'rootfs'}")]
-        assert code == 0, f"gatewayd exited {code}:\n{daemon.log_tail()}"
-        assert not leaked, f"leaked: {leaked}"
 
 
 @pytest.fixture

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.libvirt import domain
 from gateway.testing.daemon import Daemon
 from gateway.testing.images import MARKER, ImageSet, copy_image
-from tests.libvirt_env import LibvirtEnv, libvirt_env
+from tests.libvirt_env import LibvirtEnv, libvirt_env, serving_gatewayd
 
 __all__ = ["libvirt_env"]  # the session fixture
 
@@ -40,24 +39,8 @@ def booted(name: str, timeout: float = 30.0) -> None:
 
 @pytest.fixture
 def lxc_gw(libvirt_env: LibvirtEnv, tmp_path: Path) -> Iterator[Daemon]:
-    if not (libvirt_env.hook_active and libvirt_env.mounts_visible):
-        pytest.skip("a libvirtd was already running: no gateway hook, no shared dir")
-    run_dir = libvirt_env.socket_path.parent
-    daemon = Daemon(state_dir=tmp_path / "state", run_dir=run_dir,
-                    log_path=tmp_path / "gatewayd.log",
-                    extra_args=["--libvirt-uri", libvirt_env.uri])
-    daemon.start()
-    try:
+    with serving_gatewayd(libvirt_env, tmp_path, PREFIX) as daemon:
         yield daemon
-    finally:
-        for info in domain.list_domains(uri=libvirt_env.uri):
-            if str(info["name"]).startswith(PREFIX):
-                daemon.ctl("domain", "stop", str(info["name"]))
-        code = daemon.stop()
-        leaked = [item for item in daemon.leftovers()
-                  if not item.endswith(f"mount {run_dir / 'rootfs'}")]
-        assert code == 0, f"gatewayd exited {code}:\n{daemon.log_tail()}"
-        assert not leaked, f"leaked: {leaked}"
 
 
 @pytest.mark.timeout(150)

@@ -17,6 +17,8 @@ from gateway.attach.journal import (
     FsckStep,
     Fuse2fsStep,
     HostViewReleased,
+    IdmapStep,
+    IdshiftStep,
     LoopStep,
     MountStep,
     Phase,
@@ -251,10 +253,21 @@ def test_legacy_entries_decode_and_encode_unchanged(index: int) -> None:
     assert list(journal.encode(entry)[1]) == list(detail)  # the same key order, too
 
 
+# Kinds newer than LEGACY (user-namespace attachments: bind mode's idmapped mount, fuse mode's
+# id-shifting layer).
+NEWER: list[journal.Entry] = [
+    IdmapStep(Phase.START, 2000000000, 2000000000, 65536, source=M, target=R),
+    IdmapStep(Phase.DONE, target=R),
+    IdshiftStep(Phase.START, 2000065536, 2000065536, 65536, source=M, target=R),
+    IdshiftStep(Phase.DONE, target=R, pid=4343),
+]
+
+
 def test_every_kind_round_trips() -> None:
-    kinds = {type(e) for e in RECORDS}
+    kinds = {type(e) for e in [*RECORDS, *NEWER]}
     assert kinds == set(journal.KINDS.values())
-    for entry in [*RECORDS, Unknown("kernel-nbd", {"device": "/dev/nbd0", "phase": "start"})]:
+    for entry in [*RECORDS, *NEWER,
+                  Unknown("kernel-nbd", {"device": "/dev/nbd0", "phase": "start"})]:
         assert journal.decode(*journal.encode(entry)) == entry
 
 

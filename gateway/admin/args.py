@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from gateway.errors import InternalError, InvalidArgument, PermissionDenied
+from gateway.tenants.rights import ROOT, Caller
+from gateway.userns.slices import IdMap
 from gateway.volumes import lifecycle, register
 
 Parser = Callable[[str, object], object]  # (key, value) -> checked value, or raises
@@ -130,6 +132,14 @@ def _words(key: str, value: object) -> list[str]:
     return list(value)
 
 
+def _idmap(key: str, value: object) -> IdMap:
+    """{uid_first, gid_first, count}: the map a domain names itself (the libvirt hook)."""
+    if not isinstance(value, dict) or set(value) != {"uid_first", "gid_first", "count"} or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+        raise InvalidArgument(f"{key} must be an object of integers uid_first, gid_first, count")
+    return IdMap(value["uid_first"], value["gid_first"], value["count"])
+
+
 def _job_id(key: str, value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
         raise InvalidArgument(f"{key} must be a job id")
@@ -160,6 +170,10 @@ SPECS: dict[str, dict[str, Key]] = {
     "volume-list": {},
     "volume-add": {**NAME, **MADE, "fstype": Key(_fstype), "read_only": FLAG,
                    "format": Key(_format, required=True), "path": Key(_path, required=True)},
+    # an RBD image: rbd is POOL[/NAMESPACE]/IMAGE; format only when the image has none pinned
+    "volume-add-rbd": {**NAME, "rbd": Key(_text, required=True), "ceph_conf": Key(_text),
+                       "ceph_user": Key(_text), "format": Key(_format), **MADE,
+                       "fstype": Key(_fstype), "read_only": FLAG},
     "volume-add-pool": {**NAME, "uri": Key(_refused_uri, null_is_default=False),
                         "pool": Key(_text, required=True), "vol": Key(_text, required=True),
                         "format": Key(_pool_format), **MADE, "fstype": Key(_fstype),
@@ -168,16 +182,19 @@ SPECS: dict[str, dict[str, Key]] = {
     "volume-set": {**NAME, "setuid": Key(_flag, null_is_default=False),
                    "noexec": Key(_flag, null_is_default=False)},
     "volume-show": NAME,
+    "volume-release": NAME,
     "volume-remove": NAME,
     "export": NAME,
     "unexport": NAME,
     "probe": NAME,
-    "mount": {**NAME, "mode": Key(_mode, default="bind")},
+    "mount": {**NAME, "mode": Key(_mode, default="bind"), "userns": FLAG,
+              "idmap": Key(_idmap)},
     # if_unused and domain: the libvirt hook releasing a domain's volume
     "umount": {**NAME, "force": FLAG, "if_unused": FLAG, "domain": Key(_text)},
     "volume-create": {**NAME, "from": Key(_source), "overlay": FLAG, "copy": FLAG,
                       "format": Key(_format), "size": Key(_size), "mkfs": Key(_text),
-                      "label": Key(_text), "partitioned": FLAG, **MADE},
+                      "label": Key(_text), "partitioned": FLAG, "pool": Key(_text),
+                      "ceph_conf": Key(_text), "ceph_user": Key(_text), **MADE},
     "volume-import": {**NAME, "tarball": Key(_path, required=True),
                       "size": Key(_size, required=True), "format": Key(_format, default="raw"),
                       "label": Key(_text), "partitioned": FLAG, **MADE},
@@ -192,9 +209,13 @@ SPECS: dict[str, dict[str, Key]] = {
     "job-cancel": {"id": Key(_job_id, required=True)},
     "job-list": {},
     "domain-xml": DOMAIN,
-    "domain-start": {**DOMAIN, "release_host_view": FLAG},
+    "domain-start": {**DOMAIN, "release_host_view": FLAG, "userns": FLAG},
     "domain-stop": {"name": Key(_domain, required=True)},
     "domain-list": {},
+    # tenancy (admin only): publish for tenants' overlays, withdraw, give to a user
+    "volume-publish": NAME,
+    "volume-unpublish": NAME,
+    "volume-chown": {**NAME, "user": Key(_text, required=True)},
 }
 
 
@@ -212,6 +233,8 @@ class Args:
         self._spec = spec
         self._values = values
         self._given = given
+        # who sent the request (set by the dispatcher once the rights table admitted it)
+        self.caller: Caller = ROOT
 
     def given(self, key: str) -> bool:
         """Whether the request named `key` with a value (not null)."""
@@ -260,6 +283,11 @@ class Args:
     def flag(self, key: str) -> bool:
         value = self._get(key, bool, "a flag", needed=True)
         assert isinstance(value, bool)
+        return value
+
+    def opt_idmap(self, key: str) -> IdMap | None:
+        value = self._get(key, IdMap, "an id map", needed=False)
+        assert value is None or isinstance(value, IdMap)
         return value
 
     def opt_flag(self, key: str) -> bool | None:

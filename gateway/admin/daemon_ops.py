@@ -54,6 +54,8 @@ async def shutdown(gw: Gateway, args: Args) -> dict[str, Any]:
         await gw.exports.close_all()
         view = gw.exports.view
         if isinstance(view, RemoteView):
+            if gw.components.dataplane is not None:
+                gw.components.dataplane.expect_exit()
             await dataplane.stop(view)
         gw.qsd.keep_running = False
     log.info("shutdown requested", extra=fields(all=everything))

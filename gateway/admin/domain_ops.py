@@ -18,20 +18,22 @@ import trio
 
 from gateway.admin.args import Args
 from gateway.admin.gateway import Gateway
-from gateway.errors import GatewayError
+from gateway.errors import Conflict, GatewayError
 from gateway.libvirt.watcher import release_if_unused
 from gateway.log import fields
+from gateway.userns.slices import IdMap
 
 log = logging.getLogger("gateway.admin.domain_ops")
 
 
-def build_xml(gw: Gateway, args: Args, rootfs: str | None = None) -> tuple[str, str]:
+def build_xml(gw: Gateway, args: Args, rootfs: str | None = None,
+              ids: IdMap | None = None) -> tuple[str, str]:
     from gateway.libvirt.domain import domain_xml
     name, volume = args.text("name"), args.text("volume")
     path = rootfs or str(gw.settings.run_dir / "rootfs" / volume)
     xml = domain_xml(name, path, volume, args.text("mode"), init=args.text("init"),
                      args=args.words("args"), memory_mib=args.number("memory"),
-                     vcpus=args.number("vcpus"))
+                     vcpus=args.number("vcpus"), ids=ids)
     return name, xml
 
 
@@ -45,9 +47,19 @@ async def domain_start(gw: Gateway, args: Args) -> dict[str, Any]:
     from gateway.libvirt.domain import start_domain
     name, _ = build_xml(gw, args)  # validate everything before touching anything
     volume, mode = args.text("volume"), args.text("mode")
+    userns = args.flag("userns")
+    if userns:
+        # A slice per domain: a volume already booting another domain is not shared with it.
+        users = sorted(d for d, v in gw.domain_volumes.items() if v == volume and d != name)
+        if users:
+            raise Conflict(f"volume {volume} already boots domain {users[0]}; a --userns domain "
+                           "needs a volume of its own")
     mounted_here = gw.rootfs.attachment_of(volume) is None
-    attached = await gw.rootfs.mount(volume, mode)
-    _, xml = build_xml(gw, args, attached["rootfs"])
+    tenant = args.caller.user if args.caller.tenant else None
+    attached = await gw.rootfs.mount(volume, mode, userns=userns, domain=name, tenant=tenant)
+    mapped = attached.get("idmap")
+    ids = IdMap(**mapped) if isinstance(mapped, dict) else None
+    _, xml = build_xml(gw, args, attached["rootfs"], ids)
     try:
         await trio.to_thread.run_sync(lambda: start_domain(xml, uri=gw.libvirt_uri))
     except BaseException:
@@ -63,8 +75,9 @@ async def domain_start(gw: Gateway, args: Args) -> dict[str, Any]:
     log.info("domain started", extra=fields(domain=name, volume=volume, mode=mode))
     if args.flag("release_host_view"):
         await gw.rootfs.release_host_view(volume)
-    return {"name": name, "volume": volume, "mode": attached["mode"],
-            "rootfs": attached["rootfs"]}
+    result = {"name": name, "volume": volume, "mode": attached["mode"],
+              "rootfs": attached["rootfs"]}
+    return {**result, "idmap": mapped} if mapped is not None else result
 
 
 async def domain_stop(gw: Gateway, args: Args) -> dict[str, Any]:

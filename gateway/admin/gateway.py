@@ -18,12 +18,16 @@ import trio
 
 from gateway.admin.jobs import JobTable
 from gateway.catalog import Catalog
+from gateway.ceph.client import ClientConfig
+from gateway.ceph.leases import Leases
 from gateway.config import Settings
 from gateway.errors import InternalError
+from gateway.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from gateway.attach.manager import RootfsManager
     from gateway.daemon.metrics import Metrics
+    from gateway.dataplane.guard import DataPlaneGuard
     from gateway.export.manager import Exports
     from gateway.nbd.qsd import StorageDaemon
 
@@ -36,6 +40,7 @@ class Components:
     exports: Exports
     rootfs: RootfsManager
     metrics: Metrics
+    dataplane: DataPlaneGuard | None = None  # None: an in-process block view (tests, tools)
 
 
 class Gateway:
@@ -46,11 +51,17 @@ class Gateway:
         # One lock per volume: requests for one volume are serialised, volumes proceed in parallel.
         self._locks: dict[str, trio.Lock] = {}
         self.jobs = JobTable()
+        # gatewayd's long-lived components: a failing one is restarted, never the daemon's end.
+        self.supervisor = Supervisor()
         self.libvirt_uri = settings.libvirt_uri
         self.libvirt_connected = False
         # running gateway domain -> its volume (domain start, lifecycle events, the hook)
         self.domain_volumes: dict[str, str] = {}
         self.reconcile_report: dict[str, Any] = {}
+        # This host's writer leases on RBD images (renewed by gatewayd's nursery).
+        # How long a Ceph cluster may take to answer, and what each cluster last answered.
+        self.ceph = ClientConfig(settings.ceph_timeout)
+        self.leases = Leases(settings.host_id, self.ceph, duration=settings.lease_seconds)
         self._components: Components | None = None
         # Set by the `shutdown` op: gatewayd answers it and exits.
         self.stopping = trio.Event()
@@ -106,4 +117,9 @@ class Gateway:
         out["standby_loop"] = exports.standby_device(name)
         out["attachment"] = self.rootfs.attachment_of(name)
         out["overlays"] = self.catalog.overlays_of(name)
+        # an RBD volume's writer lease on this host (none, held or lost); None for a file
+        rbd = self.catalog.rbd_image(name)
+        out["lease"] = None if rbd is None else self.leases.state(name).value
+        # tenancy: the owner's uid (None: the admin's) and whether tenants may make overlays
+        out["owner"], out["published"] = self.catalog.tenancy(name)
         return out

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
@@ -28,6 +30,8 @@ from gateway.admin.args import Args, MountFlags, mount_flags
 from gateway.admin.gateway import Gateway
 from gateway.admin.jobs import Build
 from gateway.catalog import Volume
+from gateway.ceph import client as ceph_client
+from gateway.ceph.location import RbdImage, parse_spec
 from gateway.errors import (
     AlreadyExists,
     Cancelled,
@@ -40,7 +44,7 @@ from gateway.export.manager import chain_spec
 from gateway.host import qemu_img
 from gateway.log import fields
 from gateway.nbd.backup import BackupTarget, Format
-from gateway.volumes import lifecycle, register, save, snapshot
+from gateway.volumes import lifecycle, rbd, register, save, snapshot
 
 log = logging.getLogger("gateway.volumes.lifecycle")
 READ_ONLY_FOR_OVERLAYS = "read_only_for_overlays"
@@ -67,9 +71,9 @@ def _reserve_image(gw: Gateway, name: str, fmt: str) -> Path:
         raise
 
 
-async def _register(gw: Gateway, volume: Volume) -> dict[str, Any]:
+async def _register(gw: Gateway, volume: Volume, owner: int | None = None) -> dict[str, Any]:
     try:
-        gw.catalog.add_volume(volume)
+        gw.catalog.add_volume(volume, owner=owner)
     except BaseException:
         Path(volume.path).unlink(missing_ok=True)
         raise
@@ -87,7 +91,8 @@ def _start_job(gw: Gateway, kind: str, name: str, build: Build) -> dict[str, Any
 
 
 async def _create_overlay(gw: Gateway, name: str, base_name: str,
-                          flags: MountFlags) -> dict[str, Any]:
+                          flags: MountFlags, owner: int | None = None) -> dict[str, Any]:
+    """`owner`: the tenant that asked for it (None: the admin)."""
     async with gw.lock(base_name):
         base = gw.catalog.volume(base_name)
         await gw.exports.retire(base_name)
@@ -106,11 +111,76 @@ async def _create_overlay(gw: Gateway, name: str, base_name: str,
                                      lineage={**base.lineage, READ_ONLY_FOR_OVERLAYS: True})
         try:
             async with gw.lock(name):
-                return await _register(gw, volume)
+                return await _register(gw, volume, owner)
         except BaseException:
             if not base.read_only and not gw.catalog.overlays_of(base_name):
                 gw.catalog.update_volume(base_name, read_only=False, lineage=base.lineage)
             raise
+
+
+async def _rbd_source(gw: Gateway, source: str, what: str) -> tuple[Volume, RbdImage]:
+    """An RBD volume to make an overlay or a copy of: not exported or mounted writable here
+    (caller holds its lock); its lingering export closed."""
+    base = gw.catalog.volume(source)
+    image = gw.catalog.rbd_image(source)
+    assert image is not None
+    if not base.read_only and (source in gw.catalog.exported()
+                               or gw.catalog.attachment(source) is not None):
+        raise Conflict(f"volume {source} is exported or mounted writable; umount and "
+                       f"unexport it before making {what} of it")
+    await gw.exports.retire(source)
+    return base, image
+
+
+async def _register_rbd(gw: Gateway, found: rbd.Found, owner: int | None) -> dict[str, Any]:
+    """Insert the row of an RBD image the gateway made; the image goes if that fails."""
+    try:
+        async with gw.lock(found.volume.name):
+            gw.catalog.add_volume(found.volume, rbd=found.image, owner=owner)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await ceph_client.arun(rbd.drop_made, found.image, gw.ceph)
+        raise
+    log.info("volume created", extra=fields(volume=found.volume.name,
+                                            origin=found.volume.origin, format="raw",
+                                            image=found.image.spec))
+    return gw.volume_json(found.volume.name)
+
+
+async def _create_rbd_overlay(gw: Gateway, name: str, base_name: str, pool: str | None,
+                              flags: MountFlags, owner: int | None) -> dict[str, Any]:
+    """An overlay of an RBD volume: a snapshot + clone in the cluster (gateway.volumes.rbd), a
+    plain raw RBD volume; the base stays writable (the clone does not follow it)."""
+    async with gw.lock(base_name):
+        base, image = await _rbd_source(gw, base_name, "overlays")
+        found = await ceph_client.arun(lambda: rbd.make_overlay(
+            name, base, image, pool=pool, host_id=gw.settings.host_id, config=gw.ceph,
+            **flags))
+    return await _register_rbd(gw, found, owner)
+
+
+async def _start_rbd_copy(gw: Gateway, name: str, source: str, pool: str | None,
+                          flags: MountFlags) -> dict[str, Any]:
+    """A copy of an RBD volume in the cluster, as a job (the name is reserved). The source's
+    lock is held while the job checks it, not for the copy: another host's lease is checked in
+    the cluster, and a local mount is refused for the copy's short window only."""
+    async with gw.lock(source):
+        base, image = await _rbd_source(gw, source, "copies")
+    made: list[rbd.Found] = []
+
+    def build(progress: Any, cancel: threading.Event) -> Volume:
+        found = rbd.make_copy(name, base, image, pool=pool, host_id=gw.settings.host_id,
+                              config=gw.ceph, **flags)
+        made.append(found)
+        if cancel.is_set():
+            rbd.drop_made(found.image, gw.ceph)
+            raise Cancelled("cancelled")
+        progress(100.0)
+        return found.volume
+
+    async def finish(volume: Volume) -> dict[str, Any]:
+        return await _register_rbd(gw, made[0], None)
+    return gw.jobs.start("copy", name, build, finish).to_json()
 
 
 def release_base(gw: Gateway, base_name: str) -> None:
@@ -136,12 +206,35 @@ async def _create_from(gw: Gateway, args: Args, name: str, source: str,
     if name == source:
         raise InvalidArgument("a volume cannot be made from itself")
     declared = args.opt_text("format")
+    pool = args.opt_text("pool")
+    if overlay and gw.catalog.rbd_image(source) is not None:
+        if declared not in (None, "raw"):
+            raise InvalidArgument("an overlay of an RBD volume is an RBD clone: always raw")
+        _reserve(gw, name)
+        try:
+            owner = args.caller.uid if args.caller.tenant else None
+            return {"volume": await _create_rbd_overlay(gw, name, source, pool, flags, owner)}
+        finally:
+            gw.jobs.release(name)
+    if copy and gw.catalog.rbd_image(source) is not None:
+        if declared not in (None, "raw"):
+            raise InvalidArgument("a copy of an RBD volume is an RBD image: always raw")
+        _reserve(gw, name)
+        try:
+            return await _start_rbd_copy(gw, name, source, pool, flags)
+        except BaseException:
+            gw.jobs.release(name)
+            raise
+    if pool is not None:
+        raise InvalidArgument("--pool picks the Ceph pool of an overlay or a copy of an RBD "
+                              "volume; not for this volume")
     if overlay:
         if declared not in (None, "qcow2"):
             raise InvalidArgument("an overlay is always qcow2")
         _reserve(gw, name)
         try:
-            return {"volume": await _create_overlay(gw, name, source, flags)}
+            owner = args.caller.uid if args.caller.tenant else None
+            return {"volume": await _create_overlay(gw, name, source, flags, owner)}
         finally:
             gw.jobs.release(name)
     _reserve(gw, name)
@@ -163,6 +256,40 @@ async def _create_from(gw: Gateway, args: Args, name: str, source: str,
         name, final, spec, fmt, progress=progress, cancel=cancel, **flags))
 
 
+def _start_rbd_blank(gw: Gateway, args: Args, name: str, pool: str,
+                     flags: MountFlags) -> dict[str, Any]:
+    """A blank filesystem volume in a Ceph pool, as a job: built in a scratch file under
+    STATE_DIR/volumes, then written into a new image POOL/NAME (gateway.volumes.rbd)."""
+    if args.text("format") != "raw":
+        raise InvalidArgument("a volume in a Ceph pool is raw: give --format raw")
+    image = parse_spec(f"{pool}/{name}", conf=args.opt_text("ceph_conf"),
+                       user=args.opt_text("ceph_user"))
+    size, fs = args.number("size"), args.text("mkfs")
+    label, partitioned = args.opt_text("label"), args.flag("partitioned")
+    _reserve(gw, name)
+    made: list[rbd.Found] = []
+
+    def build(progress: Any, cancel: threading.Event) -> Volume:
+        scratch = Path(tempfile.mkdtemp(prefix=f".{name}.rbd-",
+                                        dir=lifecycle.volumes_dir(gw.settings.state_dir)))
+        try:
+            found = rbd.make_blank(name, image, size, fs, label=label, partitioned=partitioned,
+                                   scratch=scratch, progress=progress, cancel=cancel,
+                                   config=gw.ceph, **flags)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        made.append(found)
+        return found.volume
+
+    async def finish(volume: Volume) -> dict[str, Any]:
+        return await _register_rbd(gw, made[0], None)
+    try:
+        return gw.jobs.start("blank", name, build, finish).to_json()
+    except BaseException:
+        gw.jobs.release(name)
+        raise
+
+
 async def volume_create(gw: Gateway, args: Args) -> dict[str, Any]:
     name = args.text("name")
     source = args.opt_text("from")
@@ -175,6 +302,12 @@ async def volume_create(gw: Gateway, args: Args) -> dict[str, Any]:
     label = args.opt_text("label")
     partitioned = args.flag("partitioned")
     lifecycle.check_blank(size, fmt, fs, label)
+    pool = args.opt_text("pool")
+    if pool is not None:
+        return _start_rbd_blank(gw, args, name, pool, flags)
+    if args.given("ceph_conf") or args.given("ceph_user"):
+        raise InvalidArgument("--ceph-conf and --ceph-user go with --pool (a volume in a Ceph "
+                              "pool)")
     final = _reserve_image(gw, name, fmt)
     return _start_job(gw, "blank", name, lambda progress, cancel: lifecycle.build_blank(
         name, final, size, fmt, fs, label=label, partitioned=partitioned, progress=progress,
@@ -445,11 +578,16 @@ async def volume_resize(gw: Gateway, args: Args) -> dict[str, Any]:
         await gw.exports.retire(name)
         if gw.catalog.attachment(name) is not None or name in gw.catalog.exported():
             raise Conflict(f"volume {name} is mounted or exported; umount and unexport it first")
-        if size > volume.virtual_size:  # equal: only grow the filesystem (a retry)
+        image = gw.catalog.rbd_image(name)
+        if image is not None and size > volume.virtual_size:
+            await gw.leases.take(name, image)  # the image changes: one writer across hosts
+            await ceph_client.arun(ceph_client.resize, image, gw.ceph, size)
+        elif size > volume.virtual_size:  # equal: only grow the filesystem (a retry)
             def grow() -> None:
                 with imagefile.pinned([(volume.path, volume.file_id)]) as [path]:
                     qemu_img.resize(path, volume.format, size)
             await trio.to_thread.run_sync(grow)
+        if size > volume.virtual_size:
             lineage = {**volume.lineage, "resized": [*volume.lineage.get("resized", []), size]}
             gw.catalog.update_volume(name, virtual_size=size, lineage=lineage)
         grown = await _grow_filesystem(gw, name)

@@ -2,7 +2,9 @@
 
 OPS is the whole public surface in one table: op name -> handler. Each op's argument keys and
 types are declared in gateway.admin.args.SPECS (the two tables name the same ops; a test checks
-that they agree with each other, with gatewayctl and with the libvirt hook).
+that they agree with each other, with gatewayctl and with the libvirt hook). Who may call each
+op, with which arguments, is the rights table (gateway.tenants.rights), which the dispatcher
+applies before any op runs.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.admin import args as arguments
-from gateway.admin import daemon_ops, domain_ops, lifecycle_ops, volume_ops
+from gateway.admin import daemon_ops, domain_ops, lifecycle_ops, tenant_ops, volume_ops
 from gateway.admin.args import Args
 from gateway.admin.gateway import Gateway
 from gateway.admin.protocol import Request
 from gateway.admin.server import Peer
-from gateway.errors import GatewayError, InternalError, InvalidArgument
+from gateway.errors import Forbidden, GatewayError, InternalError, InvalidArgument
 from gateway.log import fields
+from gateway.tenants import rights
 
 log = logging.getLogger("gateway.admin.ops")
 
@@ -29,6 +32,8 @@ OPS: dict[str, Op] = {
     "metrics": volume_ops.metrics,
     "volume-add": volume_ops.volume_add,
     "volume-add-pool": lifecycle_ops.volume_add_pool,
+    "volume-add-rbd": volume_ops.volume_add_rbd,
+    "volume-release": volume_ops.volume_release,
     "volume-set": volume_ops.volume_set,
     "volume-list": volume_ops.volume_list,
     "volume-show": volume_ops.volume_show,
@@ -51,6 +56,9 @@ OPS: dict[str, Op] = {
     "domain-stop": domain_ops.domain_stop,
     "domain-list": domain_ops.domain_list,
     "shutdown": daemon_ops.shutdown,
+    "volume-publish": tenant_ops.volume_publish,
+    "volume-unpublish": tenant_ops.volume_unpublish,
+    "volume-chown": tenant_ops.volume_chown,
 }
 
 
@@ -69,9 +77,19 @@ class Dispatcher:
         metrics = self._metrics
         metrics.requests.labels(request.op).inc()
         try:
-            return await handler(self.gw, arguments.parse(request.op, request.args))
+            # The rights table decides before anything runs (admins pass at once).
+            caller = await tenant_ops.caller_of(peer)
+            facts = await tenant_ops.facts_for(self.gw, caller, request.op)
+            rights.enforce(caller, request.op, request.args, facts)
+            args = arguments.parse(request.op, request.args)
+            args.caller = caller
+            return rights.shape(caller, request.op, await handler(self.gw, args), facts)
         except GatewayError as exc:
             metrics.errors.labels(exc.code).inc()
+            if isinstance(exc, Forbidden):
+                metrics.count_refusal(exc.reason)
+                log.info("request refused", extra=fields(op=request.op, uid=peer.uid,
+                                                         reason=exc.reason))
             raise
         except Exception:
             metrics.errors.labels(InternalError.code).inc()

@@ -16,7 +16,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ from gateway.errors import (
     TooManyConnections,
 )
 from gateway.log import fields
+from gateway.tenants.rights import Role
+from gateway.tenants.socket import admit_group
 
 log = logging.getLogger("gateway.admin")
 
@@ -57,6 +59,7 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    role: Role = Role.ADMIN  # what the access policy admitted it as
 
 
 Handler = Callable[[Request, Peer], Awaitable[Any]]
@@ -79,24 +82,41 @@ def process_groups(pid: int) -> set[int]:
     return set()
 
 
+def _group_id(group: str | None, what: str) -> int | None:
+    if not group:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError as exc:
+        raise InvalidArgument(f"{what} group {group} does not exist") from exc
+
+
 class AccessPolicy:
-    """Root, or a member of the admin group (primary or supplementary), may use the socket."""
+    """Root, or a member of the admin group (primary or supplementary), may use the socket as an
+    admin; a member of the tenant group (and of no admin group) as a tenant, whose requests the
+    rights table (gateway.tenants.rights) limits to its own volumes."""
 
-    def __init__(self, admin_group: str | None) -> None:
+    def __init__(self, admin_group: str | None, tenant_group: str | None = None) -> None:
         self.group_name = admin_group
-        self.gid: int | None = None
-        if admin_group:
-            try:
-                self.gid = grp.getgrnam(admin_group).gr_gid
-            except KeyError as exc:
-                raise InvalidArgument(f"admin group {admin_group} does not exist") from exc
+        self.gid = _group_id(admin_group, "admin")
+        self.tenant_group = tenant_group
+        self.tenant_gid = _group_id(tenant_group, "tenant")
 
-    def check(self, peer: Peer) -> None:
+    def check(self, peer: Peer) -> Role:
         if peer.uid == 0:
-            return
-        if self.gid is not None and (peer.gid == self.gid or self.gid in process_groups(peer.pid)):
-            return
-        allowed = f"root or members of group {self.group_name}" if self.group_name else "root"
+            return Role.ADMIN
+        groups: set[int] | None = None
+        for gid, role in ((self.gid, Role.ADMIN), (self.tenant_gid, Role.TENANT)):
+            if gid is None:
+                continue
+            if groups is None:
+                groups = process_groups(peer.pid)
+            if peer.gid == gid or gid in groups:
+                return role
+        parts = ["root", *([f"members of group {self.group_name}"] if self.group_name else []),
+                 *([f"tenants (members of group {self.tenant_group})"]
+                   if self.tenant_group else [])]
+        allowed = " or ".join([", ".join(parts[:-1]), parts[-1]]) if len(parts) > 1 else "root"
         raise PermissionDenied(f"uid {peer.uid} may not use the admin socket (allowed: {allowed})")
 
 
@@ -153,6 +173,8 @@ class AdminServer:
             os.umask(old_umask)
         os.chown(self.path, 0, self.policy.gid if self.policy.gid is not None else 0)
         os.chmod(self.path, 0o660)
+        if self.policy.tenant_gid is not None:
+            await trio.to_thread.run_sync(admit_group, self.path, self.policy.tenant_gid)
         sock.listen(128)
         try:
             async with trio.open_nursery() as nursery:
@@ -192,18 +214,19 @@ class AdminServer:
                 failures, delay = 0, 0.0
             nursery.start_soon(self._serve, conn)
 
-    def _admit(self, peer: Peer) -> GatewayError | None:
-        """Count the connection (non-root peers), then None to serve it, or the refusal."""
+    def _admit(self, peer: Peer) -> Peer | GatewayError:
+        """Count the connection (non-root peers), then the peer with its role to serve it, or
+        the refusal."""
         if peer.uid == 0:
-            return None
+            return peer
         count = self.connections.get(peer.uid, 0) + 1
         self.connections[peer.uid] = count
         try:
-            self.policy.check(peer)
+            role = self.policy.check(peer)
         except PermissionDenied as exc:
             return exc
         if count <= MAX_CONNECTIONS_PER_UID:
-            return None
+            return replace(peer, role=role)
         return TooManyConnections(f"uid {peer.uid} has too many admin connections open "
                                   f"(at most {MAX_CONNECTIONS_PER_UID}); close some and retry")
 
@@ -220,8 +243,9 @@ class AdminServer:
         peer: Peer | None = None
         try:
             peer = peer_of(sock)
-            refusal = self._admit(peer)
-            if refusal is not None:
+            admitted = self._admit(peer)
+            if isinstance(admitted, GatewayError):
+                refusal = admitted
                 # Answered refusals hold an fd for a while: past a few, close unanswered.
                 answer = (self.connections.get(peer.uid, 0)
                           <= MAX_CONNECTIONS_PER_UID + MAX_REFUSALS_PER_UID)
@@ -234,7 +258,7 @@ class AdminServer:
                     # The first request is answered with the refusal, then the connection closes.
                     await self._refuse(stream, proto, refusal)
                 return
-            await self._loop(stream, proto, peer)
+            await self._loop(stream, proto, admitted)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionResetError):
             pass
         except Exception:

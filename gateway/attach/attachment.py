@@ -8,14 +8,16 @@ Modes:
   bind  loop over RUN_DIR/blk/VOL/rootfs -> kernel mount at RUN_DIR/mnt/VOL (fs type pinned)
         -> bind mount at RUN_DIR/rootfs/VOL.
   fuse  fuse2fs over RUN_DIR/blk/VOL/rootfs mounted at RUN_DIR/rootfs/VOL (ext2/3/4 only; the host
-        kernel never parses the filesystem).
+        kernel never parses the filesystem). With an id map (a user-namespace domain) fuse2fs
+        serves the private RUN_DIR/mnt/VOL instead and the id-shifting layer
+        (gateway.idshift, a process of its own) serves RUN_DIR/rootfs/VOL over it.
   Kernel NBD mode (/dev/nbdX) is not available on this host. Its seam: attach_bind(device=...)
   takes an existing block device and skips the loop step; everything after it is the same.
 
 Journal: before each step the caller's `journal(step, detail)` is called with
 detail["phase"] == "start", and right after with "done" and the result (the loop device, the
-fuse2fs pid). Steps: "loop", "mount", "bind", "fsck", "fuse2fs": the typed records of
-gateway/attach/journal.py, passed on encoded. reconcile() reads these entries back.
+fuse2fs pid). Steps: "loop", "mount", "bind", "idmap", "fsck", "fuse2fs", "idshift": the typed
+records of gateway/attach/journal.py, passed on encoded. reconcile() reads these entries back.
 
 Loop devices are attached with auto-clear: they vanish when the filesystem on them is unmounted.
 detach(keep_loop=True) holds the device open across the umount instead and hands it back as a
@@ -32,7 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.attach import journal as records
-from gateway.attach.journal import BindStep, FsckStep, Fuse2fsStep, LoopStep, MountStep, Phase
+from gateway.attach.journal import (
+    BindStep,
+    FsckStep,
+    Fuse2fsStep,
+    IdmapStep,
+    IdshiftStep,
+    LoopStep,
+    MountStep,
+    Phase,
+)
 from gateway.errors import (
     BackendError,
     Conflict,
@@ -42,7 +53,9 @@ from gateway.errors import (
     NotFound,
     TeardownError,
 )
-from gateway.host import fuse2fs, loopdev, mkfs, mounts
+from gateway.host import acl, fuse2fs, idmap, loopdev, mkfs, mounts
+from gateway.idshift import process as idshift
+from gateway.userns.slices import IdMap
 
 Journal = Callable[[str, dict[str, object]], None]  # (step, detail): an encoded journal.Entry
 JournalEntry = tuple[str, Mapping[str, object]]
@@ -133,10 +146,17 @@ class Attachment:
     read_only: bool = False
     mnt: Path | None = None
     fuse: fuse2fs.Fuse2fs | None = field(default=None, repr=False)
+    idmap: IdMap | None = None  # the rootfs is an idmapped mount (a user-namespace domain's)
+    shift: idshift.Layer | None = field(default=None, repr=False)  # fuse mode's id shift
 
     @property
     def fuse2fs_pid(self) -> int | None:
         return self.fuse.pid if self.fuse is not None else None
+
+    @property
+    def data_pids(self) -> list[int]:
+        """The processes the mount's data path runs through (fuse2fs, the id-shifting layer)."""
+        return [h.pid for h in (self.fuse, self.shift) if h is not None]
 
 
 @dataclass
@@ -244,8 +264,12 @@ def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
                 journal: Journal = _no_journal, read_only: bool = False, nosuid: bool = True,
                 noexec: bool = False, data: str | None = None,
                 device: str | None = None, standby: StandbyLoop | None = None,
-                standby_cache: bool = False) -> Attachment:
+                standby_cache: bool = False, ids: IdMap | None = None) -> Attachment:
     """loop -> kernel mount -> bind. `device` skips the loop step (kernel NBD seam).
+
+    With `ids` the rootfs is an idmapped clone of the kernel mount instead of a plain bind (the
+    image is never chowned), and ext2/ext3 are mounted with the ext4 driver, which can be
+    idmapped; host-side work keeps using the private kernel mount at RUN_DIR/mnt/VOL.
 
     `standby` (from detach(keep_loop=True), serving the same window) replaces the loop step: the
     filesystem is mounted on it, and the standby is closed either way, leaving the device to the
@@ -258,8 +282,10 @@ def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
     mnt, target, window = lay.mnt(volume), lay.rootfs(volume), lay.window(volume)
     for d in (mnt, target):
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    att = Attachment(volume, BIND, lay.run_dir, target, read_only=read_only)
+    att = Attachment(volume, BIND, lay.run_dir, target, read_only=read_only, idmap=ids)
     flags = _flags(read_only, nosuid, noexec)
+    if ids is not None and fstype in ("ext2", "ext3"):
+        fstype = "ext4"  # the ext2 and ext3 drivers refuse idmapping; ext4 serves both
     try:
         dev_fd = -1
         if standby is not None:
@@ -291,9 +317,19 @@ def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
                 os.close(dev_fd)  # the mount holds the device now; auto-clear frees it on umount
             if standby is not None:
                 standby.close()
-        _note(journal, BindStep(Phase.START, source=str(mnt), target=str(target)))
-        mounts.bind(mnt, target, read_only=read_only, nosuid=nosuid, noexec=noexec)
-        _note(journal, BindStep(Phase.DONE, target=str(target)))
+        if ids is not None:
+            _note(journal, IdmapStep(Phase.START, ids.uid_first, ids.gid_first, ids.count,
+                                     source=str(mnt), target=str(target)))
+            # the container resolves its rootfs path as the slice's uid: let it through the
+            # 0700 RUN_DIR/rootfs (search only)
+            acl.allow_search(lay.rootfs_root, ids.uid_first)
+            idmap.idmapped_bind(mnt, target, ids, fstype=fstype, read_only=read_only,
+                                nosuid=nosuid, noexec=noexec)
+            _note(journal, IdmapStep(Phase.DONE, target=str(target)))
+        else:
+            _note(journal, BindStep(Phase.START, source=str(mnt), target=str(target)))
+            mounts.bind(mnt, target, read_only=read_only, nosuid=nosuid, noexec=noexec)
+            _note(journal, BindStep(Phase.DONE, target=str(target)))
     except BaseException:
         if standby is not None:
             standby.close()
@@ -305,8 +341,13 @@ def attach_bind(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
 def attach_fuse(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
                 journal: Journal = _no_journal, read_only: bool = False, nosuid: bool = True,
                 noexec: bool = False, stderr_path: str | None = None,
-                timeout: float = 15.0, force_fsck: bool = False) -> Attachment:
+                timeout: float = 15.0, force_fsck: bool = False,
+                ids: IdMap | None = None, shift_stderr_path: str | None = None) -> Attachment:
     """fuse2fs over the rootfs window, mounted at RUN_DIR/rootfs/VOL.
+
+    With `ids` fuse2fs is mounted at the private RUN_DIR/mnt/VOL and the id-shifting layer
+    serves it at RUN_DIR/rootfs/VOL with owners shifted into the slice (the image is never
+    chowned; the host kernel still parses nothing of it).
 
     A writable filesystem is preened by e2fsck first, and fully repaired (-f -y) when
     `force_fsck`: after a fuse2fs that did not exit in order, whose in-memory bitmaps were lost."""
@@ -314,6 +355,11 @@ def attach_fuse(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
     lay = _layout(run_dir, volume)
     target, window = lay.rootfs(volume), lay.window(volume)
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if ids is not None:
+        return _attach_shifted(lay, volume, fstype, ids, journal=journal, read_only=read_only,
+                               nosuid=nosuid, noexec=noexec, stderr_path=stderr_path,
+                               timeout=timeout, force_fsck=force_fsck,
+                               shift_stderr_path=shift_stderr_path)
     if not read_only:
         # fuse2fs neither replays a journal nor survives a crash cleanly (bitmaps live in its
         # memory): let e2fsck replay and preen first, as a boot would.
@@ -326,6 +372,43 @@ def attach_fuse(run_dir: str | os.PathLike[str], volume: str, fstype: str, *,
                            confine=lay.rootfs_root)
     _note(journal, Fuse2fsStep(Phase.DONE, pid=handle.pid, target=str(target)))
     return Attachment(volume, FUSE, lay.run_dir, target, fuse=handle)
+
+
+def _preen(journal: Journal, window: Path, *, force_fsck: bool, timeout: float) -> None:
+    _note(journal, FsckStep(Phase.START, image=str(window)))
+    code = mkfs.preen_ext(window, repair=force_fsck, timeout=timeout * 20)
+    _note(journal, FsckStep(Phase.DONE, exit=code))
+
+
+def _attach_shifted(lay: RunLayout, volume: str, fstype: str, ids: IdMap, *, journal: Journal,
+                    read_only: bool, nosuid: bool, noexec: bool, stderr_path: str | None,
+                    timeout: float, force_fsck: bool,
+                    shift_stderr_path: str | None) -> Attachment:
+    """fuse2fs at RUN_DIR/mnt/VOL, the id-shifting layer over it at RUN_DIR/rootfs/VOL."""
+    mnt, target, window = lay.mnt(volume), lay.rootfs(volume), lay.window(volume)
+    mnt.mkdir(mode=0o700, parents=True, exist_ok=True)
+    att = Attachment(volume, FUSE, lay.run_dir, target, read_only=read_only, idmap=ids)
+    try:
+        if not read_only:
+            _preen(journal, window, force_fsck=force_fsck, timeout=timeout)
+        _note(journal, Fuse2fsStep(Phase.START, image=str(window), target=str(mnt)))
+        att.fuse = fuse2fs.start(window, mnt, fstype, read_only=read_only, nosuid=nosuid,
+                                 noexec=noexec, timeout=timeout, stderr_path=stderr_path,
+                                 confine=lay.mnt_root)
+        att.mnt = mnt
+        _note(journal, Fuse2fsStep(Phase.DONE, pid=att.fuse.pid, target=str(mnt)))
+        _note(journal, IdshiftStep(Phase.START, ids.uid_first, ids.gid_first, ids.count,
+                                   source=str(mnt), target=str(target)))
+        # the container resolves its rootfs path as the slice's uid (see attach_bind)
+        acl.allow_search(lay.rootfs_root, ids.uid_first)
+        att.shift = idshift.start(mnt, target, ids, read_only=read_only, nosuid=nosuid,
+                                  noexec=noexec, timeout=timeout, stderr_path=shift_stderr_path,
+                                  confine=lay.rootfs_root)
+        _note(journal, IdshiftStep(Phase.DONE, target=str(target), pid=att.shift.pid))
+    except BaseException:
+        _best_effort_teardown(att)
+        raise
+    return att
 
 
 def _umount_if_mounted(path: Path, *, force: bool) -> None:
@@ -368,11 +451,18 @@ def _teardown(att: Attachment, *, force: bool, keep: StandbyLoop | None = None) 
     lay = _layout(att.run_dir)
     if att.mode == BIND:
         _umount_if_mounted(att.rootfs, force=force)
+        if att.idmap is not None:
+            acl.revoke_search(lay.rootfs_root, att.idmap.uid_first)
         _umount_if_mounted(lay.mnt(att.volume), force=force)
         if att.loop is not None and keep is None:
             _detach_loop_of(att.loop, lay.window(att.volume))
-    elif att.fuse is not None:
-        att.fuse.stop(force=force)
+    else:
+        if att.shift is not None:
+            att.shift.stop(force=force)  # first: it holds files of fuse2fs's mount open
+        if att.idmap is not None and not mounts.is_mountpoint(att.rootfs):
+            acl.revoke_search(lay.rootfs_root, att.idmap.uid_first)
+        if att.fuse is not None:
+            att.fuse.stop(force=force)
 
 
 def _hold_loop(att: Attachment) -> StandbyLoop | None:
@@ -426,8 +516,10 @@ def leftovers(run_dir: str | os.PathLike[str], volume: str, *,
         remains += [f"mount {m.mount_point} ({m.fstype})" for m in mounts.mounts_under(root)]
     remains += [f"loop {dev} on {loopdev.backing_file(dev)}"
                 for dev in loopdev.devices_backed_by(lay.volume_dir(volume)) if dev != keep]
-    for pid in fuse2fs.processes_mounted_under(lay.rootfs(volume)):
-        remains.append(f"fuse2fs pid {pid}")
+    for root in (lay.rootfs(volume), lay.mnt(volume)):
+        remains += [f"fuse2fs pid {pid}" for pid in fuse2fs.processes_mounted_under(root)]
+    remains += [f"idshift pid {pid}"
+                for pid in idshift.processes_mounted_under(lay.rootfs(volume))]
     return remains
 
 
@@ -506,6 +598,29 @@ def _stop_fuse2fs(pids: Iterable[int], under: Path, report: ReconcileReport, *,
             report.errors.append(f"stop fuse2fs pid {pid}: {exc}")
 
 
+def _stop_layers(pids: Iterable[int], under: Path, report: ReconcileReport, *,
+                 rootfs_root: Path, keep: Iterable[Path] = ()) -> None:
+    """Stop the journalled `pids` and the trusted id-shifting layers serving at or below
+    `under` (as _stop_fuse2fs does for fuse2fs): before fuse2fs's mount below them goes."""
+    live = idshift.processes_mounted_under(under)
+    for pid in sorted(set(pids) | set(live)):
+        proc = live.get(pid) or idshift.identify(pid)
+        if proc is None or not (proc.target == str(under)
+                                or proc.target.startswith(str(under) + "/")):
+            continue
+        if _kept(proc.target, keep):
+            continue
+        handle = idshift.adopt(pid, proc.target, confine=rootfs_root)
+        if handle is None:
+            continue
+        report.found.append(f"idshift pid {pid} at {handle.target}")
+        try:
+            handle.stop(force=True, timeout=5.0)
+            report.done.append(f"stopped idshift pid {pid}")
+        except GatewayError as exc:
+            report.errors.append(f"stop idshift pid {pid}: {exc}")
+
+
 def reconcile(run_dir: str | os.PathLike[str], volume: str,
               entries: Iterable[JournalEntry | records.Entry] = ()) -> ReconcileReport:
     """Tear down what a crashed daemon left of `volume`'s attachment, guided by its journal.
@@ -522,10 +637,22 @@ def reconcile(run_dir: str | os.PathLike[str], volume: str,
     journal = records.decode_all(entries)
     loops, pids = records.loop_devices(journal), records.fuse2fs_pids(journal)
     _unmount_all(lay.rootfs(volume), report)
+    _stop_layers(records.idshift_pids(journal), lay.rootfs(volume), report,
+                 rootfs_root=lay.rootfs_root)
+    ids = records.idmap_of(journal)
+    if ids is not None and not mounts.is_mountpoint(lay.rootfs(volume)):
+        try:
+            if ids[0] in acl.search_allowed(lay.rootfs_root):
+                report.found.append(f"search ACL for uid {ids[0]} on {lay.rootfs_root}")
+                acl.revoke_search(lay.rootfs_root, ids[0])
+                report.done.append(f"revoked the search ACL of uid {ids[0]}")
+        except GatewayError as exc:
+            report.errors.append(f"revoke the search ACL of uid {ids[0]}: {exc}")
     _unmount_all(lay.mnt(volume), report)
     _detach_loops(loops | set(loopdev.devices_backed_by(lay.volume_dir(volume))),
                   lay.volume_dir(volume), report)
     _stop_fuse2fs(pids, lay.rootfs(volume), report, rootfs_root=lay.rootfs_root)
+    _stop_fuse2fs(pids, lay.mnt(volume), report, rootfs_root=lay.mnt_root)
     report.remaining = leftovers(run_dir, volume)
     return report
 
@@ -543,9 +670,11 @@ def sweep(run_dir: str | os.PathLike[str], *, block_view: bool = True,
     report = ReconcileReport()
     kept = [p for v in keep for p in (lay.rootfs(v), lay.mnt(v), lay.volume_dir(v))]
     _unmount_all(lay.rootfs_root, report, keep_root=True, keep=kept)
+    _stop_layers((), lay.rootfs_root, report, rootfs_root=lay.rootfs_root, keep=kept)
     _unmount_all(lay.mnt_root, report, keep=kept)
     _detach_loops(loopdev.devices_backed_by(lay.blk), lay.blk, report, keep=kept)
     _stop_fuse2fs((), lay.rootfs_root, report, rootfs_root=lay.rootfs_root, keep=kept)
+    _stop_fuse2fs((), lay.mnt_root, report, rootfs_root=lay.mnt_root, keep=kept)
     live_view = False
     if block_view and mounts.is_mountpoint(lay.blk):
         try:
@@ -569,9 +698,12 @@ def sweep(run_dir: str | os.PathLike[str], *, block_view: bool = True,
                          and not _kept(m.mount_point, kept)]
     report.remaining += [f"loop {d}" for d in loopdev.devices_backed_by(lay.blk)
                          if not _kept(loopdev.backing_file(d) or "", kept)]
-    report.remaining += [f"fuse2fs pid {p}"
-                         for p, proc in fuse2fs.processes_mounted_under(lay.rootfs_root).items()
+    report.remaining += [f"fuse2fs pid {p}" for root in (lay.rootfs_root, lay.mnt_root)
+                         for p, proc in fuse2fs.processes_mounted_under(root).items()
                          if not _kept(proc.target or "", kept)]
+    report.remaining += [f"idshift pid {p}"
+                         for p, layer in idshift.processes_mounted_under(lay.rootfs_root).items()
+                         if not _kept(layer.target, kept)]
     return report
 
 
@@ -592,13 +724,21 @@ def adoptable(run_dir: str | os.PathLike[str], volume: str, mode: str,
         loop = next((d for d in loops if loopdev.backing_file(d) == str(lay.window(volume))), None)
         if loop is None:
             return None
-        on_target = [m.source for m in mounts.mounts_at(target)]
-        if not released and on_target[-1:] != [loop]:
+        journalled = records.idmap_of(decoded)
+        try:
+            ids = IdMap(*journalled) if journalled is not None else None
+        except GatewayError:
+            return None  # a map no live domain could have: not a whole attachment
+        on_target = mounts.mounts_at(target)
+        if not released and ([m.source for m in on_target[-1:]] != [loop]
+                             or idmap.is_idmapped(on_target[-1].options) != (ids is not None)):
             return None
         kernel = [m.source for m in mounts.mounts_at(lay.mnt(volume))]
         mnt = lay.mnt(volume) if kernel[-1:] == [loop] else None
         return Attachment(volume, BIND, lay.run_dir, target, loop=loop, read_only=read_only,
-                          mnt=mnt)
+                          mnt=mnt, idmap=ids)
+    if mode == FUSE and records.shifted(decoded):
+        return _adoptable_shifted(lay, volume, decoded, read_only=read_only, released=released)
     if mode == FUSE:
         for pid in sorted(records.fuse2fs_pids(decoded)):
             handle = fuse2fs.adopt(pid, target, confine=lay.rootfs_root)
@@ -606,3 +746,28 @@ def adoptable(run_dir: str | os.PathLike[str], volume: str, mode: str,
                 return Attachment(volume, FUSE, lay.run_dir, target, read_only=read_only,
                                   fuse=handle)
     return None
+
+
+def _adoptable_shifted(lay: RunLayout, volume: str, decoded: list[records.Entry], *,
+                       read_only: bool, released: bool) -> Attachment | None:
+    """Fuse mode with an id shift: the journalled fuse2fs is ours and serves RUN_DIR/mnt/VOL,
+    and the journalled layer is ours and serves RUN_DIR/rootfs/VOL (both mounted unless the
+    host view was released), with a map a live domain could have."""
+    journalled = records.idmap_of(decoded)
+    try:
+        ids = IdMap(*journalled) if journalled is not None else None
+    except GatewayError:
+        return None
+    if ids is None:
+        return None
+    mnt, target = lay.mnt(volume), lay.rootfs(volume)
+    fuse = next((h for pid in sorted(records.fuse2fs_pids(decoded))
+                 if (h := fuse2fs.adopt(pid, mnt, confine=lay.mnt_root)) is not None
+                 and (released or h.mounted())), None)
+    layer = next((g for pid in sorted(records.idshift_pids(decoded))
+                  if (g := idshift.adopt(pid, target, confine=lay.rootfs_root)) is not None
+                  and (released or g.mounted())), None)
+    if fuse is None or layer is None:
+        return None
+    return Attachment(volume, FUSE, lay.run_dir, target, read_only=read_only, mnt=mnt,
+                      fuse=fuse, idmap=ids, shift=layer)

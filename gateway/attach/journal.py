@@ -13,6 +13,10 @@ Entry kinds (detail fields; "phase" is "start" before a step runs, "done" after 
   fsck                {phase, image | exit}
   fuse2fs             {phase, image, target | pid, target}
   host-view-released  {paths, released}: the host's binds dropped while a container runs
+  idmap               {phase, uid_first, gid_first, count, source, target | target}: the rootfs
+                      as an idmapped mount of the kernel mount (a user-namespace domain)
+  idshift             {phase, uid_first, gid_first, count, source, target | pid, target}: fuse
+                      mode's id-shifting layer over fuse2fs's private mount (its pid a hint)
 """
 
 from __future__ import annotations
@@ -196,6 +200,57 @@ class HostViewReleased:
 
 
 @dataclass(frozen=True)
+class IdmapStep:
+    """start: the map (host uid and gid of id 0, how many ids), the kernel mount cloned and the
+    rootfs path; done: the rootfs path. Replaces the bind step of a user-namespace attachment."""
+
+    STEP: ClassVar[str] = "idmap"
+    phase: Phase | None
+    uid_first: int | None = None
+    gid_first: int | None = None
+    count: int | None = None
+    source: str | None = None
+    target: str | None = None
+
+    def detail(self) -> dict[str, Any]:
+        return _present((("phase", _value(self.phase)), ("uid_first", self.uid_first),
+                         ("gid_first", self.gid_first), ("count", self.count),
+                         ("source", self.source), ("target", self.target)))
+
+    @classmethod
+    def read(cls, detail: Mapping[str, object]) -> IdmapStep:
+        return cls(_phase(detail), _int(detail, "uid_first"), _int(detail, "gid_first"),
+                   _int(detail, "count"), _str(detail, "source"), _str(detail, "target"))
+
+
+@dataclass(frozen=True)
+class IdshiftStep:
+    """start: the map, fuse2fs's private mount (source) and the rootfs path; done: the layer's
+    pid (a hint: reconcile checks who it is now) and the rootfs path. Fuse mode's user-namespace
+    attachments: fuse2fs serves RUN_DIR/mnt/VOL, the layer RUN_DIR/rootfs/VOL."""
+
+    STEP: ClassVar[str] = "idshift"
+    phase: Phase | None
+    uid_first: int | None = None
+    gid_first: int | None = None
+    count: int | None = None
+    source: str | None = None
+    target: str | None = None
+    pid: int | None = None
+
+    def detail(self) -> dict[str, Any]:
+        return _present((("phase", _value(self.phase)), ("uid_first", self.uid_first),
+                         ("gid_first", self.gid_first), ("count", self.count),
+                         ("source", self.source), ("target", self.target), ("pid", self.pid)))
+
+    @classmethod
+    def read(cls, detail: Mapping[str, object]) -> IdshiftStep:
+        return cls(_phase(detail), _int(detail, "uid_first"), _int(detail, "gid_first"),
+                   _int(detail, "count"), _str(detail, "source"), _str(detail, "target"),
+                   _int(detail, "pid"))
+
+
+@dataclass(frozen=True)
 class Unknown:
     """A step this version does not know, kept as it was written."""
 
@@ -207,11 +262,11 @@ class Unknown:
 
 
 Entry = (ExportStep | LoopStep | MountStep | BindStep | FsckStep | Fuse2fsStep | HostViewReleased
-         | Unknown)
+         | IdmapStep | IdshiftStep | Unknown)
 KINDS: Mapping[str, type[ExportStep | LoopStep | MountStep | BindStep | FsckStep | Fuse2fsStep
-                         | HostViewReleased]] = {
+                         | HostViewReleased | IdmapStep | IdshiftStep]] = {
     kind.STEP: kind for kind in (ExportStep, LoopStep, MountStep, BindStep, FsckStep,
-                                 Fuse2fsStep, HostViewReleased)}
+                                 Fuse2fsStep, HostViewReleased, IdmapStep, IdshiftStep)}
 
 
 def decode(step: str, detail: Mapping[str, Any]) -> Entry:
@@ -267,3 +322,23 @@ def host_view_released(entries: Iterable[Entry]) -> bool:
         if isinstance(e, HostViewReleased):
             released = any(e.released)
     return released
+
+
+def idshift_pids(entries: Iterable[Entry]) -> set[int]:
+    """Id-shifting layer pids the journal names: only hints, like fuse2fs pids."""
+    return {e.pid for e in entries
+            if isinstance(e, IdshiftStep) and e.pid is not None and e.pid > 1}
+
+
+def shifted(entries: Iterable[Entry]) -> bool:
+    """Whether the attachment is fuse mode's shifted one (fuse2fs at RUN_DIR/mnt/VOL)."""
+    return any(isinstance(e, IdshiftStep) for e in entries)
+
+
+def idmap_of(entries: Iterable[Entry]) -> tuple[int, int, int] | None:
+    """(uid_first, gid_first, count) of the journalled idmapped or id-shifted rootfs, or None."""
+    for e in entries:
+        if (isinstance(e, IdmapStep | IdshiftStep) and e.phase is Phase.START
+                and e.uid_first is not None and e.gid_first is not None and e.count is not None):
+            return e.uid_first, e.gid_first, e.count
+    return None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,9 @@ from gateway.catalog import AttachmentRecord, Catalog
 from gateway.errors import GatewayError, InvalidArgument, ProbeError
 from gateway.log import fields
 from gateway.probe.core import probe_reader_async
+from gateway.tenants import ids as tenant_ids
+from gateway.userns import ranges, slices
+from gateway.userns.slices import IdMap, IdRange
 
 if TYPE_CHECKING:
     from gateway.export.manager import Exports
@@ -89,10 +93,48 @@ class RootfsManager:
         self.active: dict[str, attachment.Attachment] = {}
         self.last_phases: dict[str, dict[str, float]] = {}
         self.on_phase: list[Any] = []  # callbacks (phase, seconds) for metrics
+        # gatewayd's --userns-range; None: the /etc/subuid entry of ranges.DEFAULT_USER
+        self.userns_range: IdRange | None = None
 
     def attachment_of(self, name: str) -> dict[str, Any] | None:
         record = self.catalog.attachment(name)
-        return None if record is None else record.to_json()
+        if record is None:
+            return None
+        ids = self.catalog.userns_slice(name)
+        return {**record.to_json(), "idmap": ids.to_json()} if ids is not None else record.to_json()
+
+    async def _slice_picker(self, ids: IdMap | None,
+                            tenant: str | None = None) -> Callable[[list[IdMap]], IdMap]:
+        """What chooses a new attachment's slice (run inside the catalog's transaction): the
+        lowest free slot of the range (a `tenant`'s: its own /etc/subuid and /etc/subgid
+        entries), or the explicit map `ids` once checked. Reads the host's id files in a worker
+        thread; a missing range is refused here, before anything starts."""
+        if tenant is not None:
+            source = await trio.to_thread.run_sync(tenant_ids.load, tenant)
+        else:
+            source = await trio.to_thread.run_sync(ranges.load, self.userns_range)
+        reserved = source.reserved
+
+        def pick(taken: list[IdMap]) -> IdMap:
+            if ids is not None:
+                return slices.check_requested(source.id_range, ids, taken, reserved.uids,
+                                              reserved.gids)
+            return slices.allocate(source.id_range, taken, reserved.uids, reserved.gids)
+        return pick
+
+    def _check_idmap(self, name: str, userns: bool, ids: IdMap | None) -> IdMap | None:
+        """A mounted volume serves a request only with the same kind of map."""
+        current = self.catalog.userns_slice(name)
+        if userns != (current is not None):
+            raise InvalidArgument(f"volume {name} is already mounted "
+                                  f"{'with' if current is not None else 'without'} --userns; "
+                                  "umount it first")
+        if ids is not None and current != ids:
+            assert current is not None
+            raise InvalidArgument(f"volume {name} is already mounted with the id map uid "
+                                  f"{current.uid_first} gid {current.gid_first}, not uid "
+                                  f"{ids.uid_first} gid {ids.gid_first}")
+        return current
 
     def _move(self, name: str, state: AttachmentState, event: AttachmentEvent,
               steps: list[records.Entry] | None = None) -> AttachmentState:
@@ -139,9 +181,16 @@ class RootfsManager:
                                           trio_token=token)
         return write
 
-    async def mount(self, name: str, mode: str) -> dict[str, Any]:
+    async def mount(self, name: str, mode: str, *, userns: bool = False,
+                    ids: IdMap | None = None, domain: str | None = None,
+                    tenant: str | None = None) -> dict[str, Any]:
+        """Deliver RUN_DIR/rootfs/NAME. `userns`: with an id slice of its own (bind mode: an
+        idmapped mount; fuse mode: the id-shifting layer over fuse2fs), the lowest free one
+        of the range (of the `tenant` user's own subordinate ids, when a tenant asks) or `ids`
+        (a domain that names its map); `domain` is recorded with the slice."""
         if mode not in MODES:
             raise InvalidArgument(f"unknown mode {mode!r}: choose bind or fuse")
+        userns = userns or ids is not None
         async with self.locks(name):
             volume = self.catalog.volume(name)
             record = self.catalog.attachment(name)
@@ -151,7 +200,9 @@ class RootfsManager:
                     if record.mode != mode:
                         raise InvalidArgument(f"volume {name} is already mounted in "
                                               f"{record.mode} mode; umount it first")
-                    return {"name": name, "rootfs": record.rootfs, "mode": record.mode}
+                    current = self._check_idmap(name, userns, ids)
+                    same = {"name": name, "rootfs": record.rootfs, "mode": record.mode}
+                    return same if current is None else {**same, "idmap": current.to_json()}
                 # Unmounted behind our back (or never ours): never hand out an empty directory.
                 log.warning("a mounted volume's rootfs is gone; mounting it afresh",
                             extra=fields(volume=name, mode=record.mode, rootfs=rootfs))
@@ -162,13 +213,17 @@ class RootfsManager:
             if mode == "fuse" and volume.fstype and volume.fstype not in FUSE_FSTYPES:
                 raise InvalidArgument(f"fuse mode serves ext2/3/4 only; volume {name} holds "
                                       f"{volume.fstype}")
+            pick = await self._slice_picker(ids, tenant) if userns else None
             phases: dict[str, float] = {}
             auto_export = not self.exports.in_use(name)
             self.catalog.begin_attachment(
                 name, mode, rootfs, [ExportStep(auto_export)],
                 state=transition(AttachmentState.ABSENT, AttachmentEvent.BEGIN))
             standby: _Standby | None = None
+            claimed: IdMap | None = None
             try:
+                if pick is not None:
+                    claimed = self.catalog.claim_slice(name, pick, domain)
                 t = time.perf_counter()
                 export, kept = await self.exports.claim(name)
                 standby = kept if isinstance(kept, _Standby) else None
@@ -208,7 +263,7 @@ class RootfsManager:
                 att = await self._attach(name, mode, fstype, volume.read_only, volume.nosuid,
                                          volume.noexec, phases,
                                          standby.loop if standby is not None else None, cached,
-                                         done)
+                                         done, claimed)
                 self.active[name] = att
                 self._move(name, AttachmentState.ATTACHING, AttachmentEvent.ATTACHED, done)
                 self._watch_fuse2fs(name, att)
@@ -222,14 +277,18 @@ class RootfsManager:
         for callback in self.on_phase:
             for phase, seconds in phases.items():
                 callback(phase, seconds)
+        idmap_json = claimed.to_json() if claimed is not None else None
         log.info("rootfs mounted", extra=fields(volume=name, mode=mode, fstype=fstype,
-                                                rootfs=rootfs, phases=Phases(phases).to_json()))
-        return {"name": name, "rootfs": rootfs, "mode": mode}
+                                                rootfs=rootfs, phases=Phases(phases).to_json(),
+                                                idmap=idmap_json))
+        answer = {"name": name, "rootfs": rootfs, "mode": mode}
+        return answer if idmap_json is None else {**answer, "idmap": idmap_json}
 
     async def _attach(self, name: str, mode: str, fstype: str, read_only: bool, nosuid: bool,
                       noexec: bool, phases: dict[str, float],
                       standby: attachment.StandbyLoop | None, standby_cache: bool,
-                      pending: list[records.Entry]) -> attachment.Attachment:
+                      pending: list[records.Entry],
+                      ids: IdMap | None = None) -> attachment.Attachment:
         write = self._journal(name, trio.lowlevel.current_trio_token(), pending, phases)
         force_fsck = self.catalog.fsck_needed(name)
 
@@ -237,11 +296,13 @@ class RootfsManager:
             if mode == "bind":
                 return attachment.attach_bind(self.run_dir, name, fstype, journal=write,
                                               read_only=read_only, nosuid=nosuid, noexec=noexec,
-                                              standby=standby, standby_cache=standby_cache)
+                                              standby=standby, standby_cache=standby_cache,
+                                              ids=ids)
             return attachment.attach_fuse(
                 self.run_dir, name, fstype, journal=write, read_only=read_only, nosuid=nosuid,
                 noexec=noexec, stderr_path=str(self.run_dir / f"fuse2fs-{name}.log"),
-                force_fsck=force_fsck)
+                force_fsck=force_fsck, ids=ids,
+                shift_stderr_path=str(self.run_dir / f"idshift-{name}.log"))
         att = await trio.to_thread.run_sync(work)
         if mode == "fuse" and force_fsck and not read_only:
             self.catalog.set_fsck_needed(name, False)
@@ -270,14 +331,17 @@ class RootfsManager:
         log.info("rootfs unmounted", extra=fields(volume=name, force=force))
         return {"name": name, "mounted": False}
 
-    async def _teardown(self, record: AttachmentRecord, *, force: bool) -> None:
+    async def _teardown(self, record: AttachmentRecord, *, force: bool,
+                        flush: bool = True) -> None:
+        """`flush=False` (a fenced volume, whose export fails every request): no flush and no
+        standby loop; its export is left to the caller."""
         name, entries = record.volume, record.entries
         auto = records.made_own_export(entries)
         state = self._move(name, record.state, AttachmentEvent.DETACH)
         att = self.active.pop(name, None)
         standby: _Standby | None = None
         if att is not None:
-            keep = auto and self.exports.lingers and att.mode == attachment.BIND
+            keep = flush and auto and self.exports.lingers and att.mode == attachment.BIND
             try:
                 loop = await trio.to_thread.run_sync(
                     lambda: attachment.detach(att, force=force, keep_loop=keep))
@@ -302,14 +366,14 @@ class RootfsManager:
                     if standby is None:
                         await self.view.close_window(name)
                     export = self.exports.find(name)
-                    if export is not None:
+                    if export is not None and flush:
                         await export.backend.flush()
             except BaseException:
                 if standby is not None:
                     with trio.CancelScope(shield=True):
                         await standby.close()
                 raise
-            if auto:
+            if auto and flush:
                 await self.exports.release(name, standby)
             elif standby is not None:
                 await standby.close()
@@ -339,10 +403,12 @@ class RootfsManager:
                                                     loop=att.loop, fuse2fs=att.fuse2fs_pid))
 
     def _watch_fuse2fs(self, name: str, att: attachment.Attachment) -> None:
-        """Notice a fuse2fs that dies on its own, and tear down what is left of its mount."""
-        pid = att.fuse2fs_pid
-        if pid is None:
-            return
+        """Notice a fuse2fs (or fuse mode's id-shifting layer) that dies on its own, and tear
+        down what is left of its mount."""
+        for pid in att.data_pids:
+            self._watch_pid(name, att, pid)
+
+    def _watch_pid(self, name: str, att: attachment.Attachment, pid: int) -> None:
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -356,19 +422,47 @@ class RootfsManager:
                 os.close(pidfd)
             if self.active.get(name) is not att:
                 return  # an ordinary teardown stopped it
-            log.error("fuse2fs exited on its own; tearing the mount down",
+            what = "fuse2fs" if pid == att.fuse2fs_pid else "idshift"
+            log.error(f"{what} exited on its own; tearing the mount down",
                       extra=fields(volume=name, pid=pid))
-            record = self.catalog.attachment(name)
-            if record is not None:
-                self._move_after_failure(name, record.state, AttachmentEvent.LOST)
-            self.catalog.set_fsck_needed(name, True)
-            try:
-                await self.umount(name, force=True)
-            except GatewayError as exc:
-                log.error("teardown after fuse2fs exit failed",
-                          extra=fields(volume=name, error=exc.message))
+            await self.lose(name, f"{what} exited")
 
         self.nursery.start_soon(watch)
+
+    async def lose(self, name: str, why: str) -> bool:
+        """The data path under `name`'s mount died (its fuse2fs, or the data plane): record the
+        attachment lost and tear down what is left of it, forcibly. Whether it was mounted."""
+        att = self.active.get(name)
+        record = self.catalog.attachment(name)
+        if record is None:
+            return False
+        self._move_after_failure(name, record.state, AttachmentEvent.LOST)
+        if att is None or att.mode == attachment.FUSE:
+            self.catalog.set_fsck_needed(name, True)  # fuse2fs keeps no journal
+        try:
+            await self.umount(name, force=True)
+        except GatewayError as exc:
+            log.error("teardown after a lost data path failed",
+                      extra=fields(volume=name, why=why, error=exc.message))
+        return True
+
+    async def drop_fenced(self, name: str) -> bool:
+        """A fenced RBD volume (another host took its writer lease; its QSD node fails every
+        request): tear its mount down forcibly without the flushes that would fail, recorded as
+        lost; its export is the caller's (Exports.drop). Whether it was mounted."""
+        async with self.locks(name):
+            record = self.catalog.attachment(name)
+            if record is None:
+                return False
+            self._move_after_failure(name, record.state, AttachmentEvent.LOST)
+            att = self.active.get(name)
+            if att is None or att.mode == attachment.FUSE:
+                self.catalog.set_fsck_needed(name, True)  # fuse2fs keeps no journal
+            record = self.catalog.attachment(name)
+            if record is not None:
+                await self._teardown(record, force=True, flush=False)
+        log.warning("fenced volume unmounted", extra=fields(volume=name))
+        return True
 
     async def release_host_view(self, name: str) -> None:
         """nova's clean_lxc_namespace: drop the host's bind at RUN_DIR/rootfs/VOL once the
@@ -402,6 +496,7 @@ class RootfsManager:
         container keeps its own copy) only the backend is checked: our fuse2fs lives, or the
         loop device still serves the volume's window. Reads mountinfo in a worker thread."""
         from gateway.host import fuse2fs, loopdev, mounts
+        from gateway.idshift import process as idshift
         att = self.active.get(name)
         if att is None or att.mode != mode:
             return False
@@ -413,6 +508,8 @@ class RootfsManager:
             if att.mode == attachment.FUSE:
                 if att.fuse is None or not att.fuse.alive():
                     return False
+                if att.idmap is not None and (att.shift is None or not att.shift.alive()):
+                    return False
             elif released:
                 return att.loop is not None and loopdev.backing_file(att.loop) == window
             if released:
@@ -423,8 +520,8 @@ class RootfsManager:
             if len(top) != 1:
                 return False
             if att.mode == attachment.FUSE:
-                return (top[0].fstype.startswith("fuse")
-                        and top[0].source.startswith(fuse2fs.FSNAME_PREFIX))
+                source = idshift.FSNAME if att.shift is not None else fuse2fs.FSNAME_PREFIX
+                return (top[0].fstype.startswith("fuse") and top[0].source.startswith(source))
             device = att.loop
             if device is None:  # a device handed to attach_bind (the kernel NBD seam)
                 device = next((m.source for m in mounts.mounts_at(mnt)), None)

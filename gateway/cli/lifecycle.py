@@ -72,7 +72,9 @@ def _done(ns: argparse.Namespace, answer: dict[str, Any]) -> int:
 def cmd_create(ns: argparse.Namespace) -> int:
     args = {"name": ns.name, "from": ns.source, "overlay": ns.overlay, "copy": ns.copy,
             "format": ns.format, "size": ns.size, "mkfs": ns.mkfs, "label": ns.label,
-            "partitioned": ns.partitioned, "setuid": ns.setuid, "noexec": ns.noexec}
+            "partitioned": ns.partitioned, "setuid": ns.setuid, "noexec": ns.noexec,
+            "pool": ns.pool, "ceph_conf": absolute(ns.ceph_conf) if ns.ceph_conf else None,
+            "ceph_user": ns.ceph_user}
     return _done(ns, call(ns, "volume-create", args))
 
 
@@ -185,6 +187,10 @@ def register(top: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--format", choices=["raw", "qcow2"],
                    help="image format (copy: default BASE's; blank: required)")
     p.add_argument("--size", help="blank volume size, e.g. 512M, 2G")
+    p.add_argument("--pool", help="Ceph pool of the new volume: an overlay or copy of an RBD "
+                   "volume (default: BASE's), or a blank one (with --ceph-conf, --ceph-user)")
+    p.add_argument("--ceph-conf", help="ceph.conf of a blank volume's cluster (with --pool)")
+    p.add_argument("--ceph-user", help="ceph user of a blank volume's cluster (with --pool)")
     p.add_argument("--mkfs", choices=["ext4", "xfs"], help="filesystem of a blank volume")
     p.add_argument("--label", help="filesystem label")
     p.add_argument("--partitioned", action="store_true",

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import Conflict, InvalidArgument
 
+# pathlib, shutil and tempfile are imported by the functions that use them: every gatewayctl run
+# imports this module (for its parser), and they are most of its import time.
+if TYPE_CHECKING:
+    from pathlib import Path
+
 UNIT_NAME = "gatewayd.service"
-DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
+DEFAULT_UNIT_DIR = "/etc/systemd/system"
 DEFAULT_GATEWAYD = "/usr/local/bin/gatewayd"
 ENVIRONMENT_FILE = "/etc/default/storage-gateway"
 
@@ -88,6 +90,8 @@ def render_unit(gatewayd: str = DEFAULT_GATEWAYD, *, admin_group: str | None = N
 
 def default_gatewayd() -> str:
     """The gatewayd that belongs to this gatewayctl (same bin directory), else one on PATH."""
+    import shutil
+    from pathlib import Path
     here = Path(sys.argv[0]).absolute().parent / "gatewayd" if sys.argv and sys.argv[0] else None
     if here is not None and here.is_file() and os.access(here, os.X_OK):
         return str(here)
@@ -109,6 +113,7 @@ def install_unit(unit_dir: Path, text: str, *, force: bool = False) -> tuple[Pat
         return path, "unchanged"
     if current is not None and not force and not current.startswith(text.splitlines()[0]):
         raise Conflict(f"{path} exists and was not written by gatewayctl; use --force to replace")
+    import tempfile
     fd, tmp = tempfile.mkstemp(prefix=".gatewayd.", dir=unit_dir)
     try:
         with os.fdopen(fd, "w") as f:
@@ -132,6 +137,7 @@ def systemd_running() -> bool:
 
 
 def cmd_install_systemd(ns: argparse.Namespace) -> int:
+    from pathlib import Path
     gatewayd = ns.gatewayd or default_gatewayd()
     text = render_unit(gatewayd, admin_group=ns.admin_group, allowed_roots=ns.allowed_roots)
     path, outcome = install_unit(Path(ns.unit_dir), text, force=ns.force)
@@ -147,7 +153,7 @@ def cmd_install_systemd(ns: argparse.Namespace) -> int:
 
 def register(top: Any, groups: dict[str, Any]) -> None:
     p = top.add_parser("install-systemd", help="install the gatewayd systemd unit")
-    p.add_argument("--unit-dir", default=str(DEFAULT_UNIT_DIR),
+    p.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR,
                    help=f"where to write {UNIT_NAME} (default {DEFAULT_UNIT_DIR})")
     p.add_argument("--gatewayd", default=None,
                    help="gatewayd executable for ExecStart (default: the one beside gatewayctl)")

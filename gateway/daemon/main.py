@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import logging
 import os
 import resource
@@ -29,9 +30,21 @@ from gateway.attach.attachment import (
 from gateway.attach.manager import RootfsManager, reconcile_all
 from gateway.attach.states import SERVING, AttachmentEvent, AttachmentState, transition
 from gateway.catalog import Catalog, Volume
-from gateway.config import Settings, check_linger, parse_roots
+from gateway.ceph.fencing import Fencer
+from gateway.ceph.location import is_rbd_path
+from gateway.config import (
+    DEFAULT_LEASE_SECONDS,
+    MIN_LEASE_SECONDS,
+    Settings,
+    ceph_seconds,
+    check_linger,
+    host_id,
+    parse_roots,
+    userns_range,
+)
 from gateway.daemon.metrics import Metrics
 from gateway.dataplane import process as dataplane
+from gateway.dataplane.guard import DataPlaneGuard
 from gateway.dataplane.view import RemoteView
 from gateway.errors import Conflict, GatewayError, first_gateway_error
 from gateway.export.manager import Exports
@@ -86,7 +99,7 @@ async def serve(settings: Settings) -> None:
     prepare_state_dir(settings)
     catalog = Catalog(settings.catalog_path)
     gw = Gateway(settings, catalog)
-    policy = AccessPolicy(settings.admin_group)
+    policy = AccessPolicy(settings.admin_group, settings.tenant_group)
     try:
         # A data plane that outlived the previous gatewayd: what it serves may be adopted.
         view = await dataplane.running(settings.run_dir)
@@ -95,9 +108,11 @@ async def serve(settings: Settings) -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 await start_components(gw, nursery, view, adopted)
                 ops = Dispatcher(gw)  # only a complete Gateway reaches the ops
-                await nursery.start(AdminServer(settings.admin_socket, ops.handle, policy).run)
+                await nursery.start(gw.supervisor.supervise, "admin-server",
+                                    AdminServer(settings.admin_socket, ops.handle, policy).run)
                 if settings.libvirt_uri:
-                    await nursery.start(watch_domains, gw)
+                    await nursery.start(gw.supervisor.supervise, "libvirt-watcher",
+                                        functools.partial(watch_domains, gw))
                 log.info("gatewayd ready", extra=fields(socket=str(settings.admin_socket),
                                                         catalog=str(settings.catalog_path),
                                                         adopted=sorted(adopted)))
@@ -149,7 +164,8 @@ async def reconcile(gw: Gateway, view: RemoteView | None) -> dict[str, Attachmen
     kept); adopt every attachment whose data path survived (the data plane still serves its
     window, and its loop device and mount, or its fuse2fs, are there); tear down the rest.
     Returns the adopted attachments, taken over once the components run."""
-    unpinned = [v for v in gw.catalog.volumes() if v.file_id is None]
+    unpinned = [v for v in gw.catalog.volumes()
+                if v.file_id is None and not is_rbd_path(v.path)]  # an RBD image has no file
     if unpinned:
         ids = await trio.to_thread.run_sync(find_file_ids, unpinned)
         for name, file_id in ids.items():
@@ -206,26 +222,54 @@ async def start_components(gw: Gateway, nursery: trio.Nursery, found: RemoteView
     holder: list[Exports] = []
     qsd = StorageDaemon(run_dir, lambda: holder[0].desired() if holder else [])
     qsd.keep_running = True  # it serves the data plane: it outlives gatewayd, which adopts it
+    qsd.ceph = gw.ceph
+    qsd.leases = gw.leases
+    await nursery.start(gw.leases.run)
     exports = Exports(gw.catalog, qsd, view, nursery, locks=gw.lock,
                       linger=gw.settings.export_linger)
     holder.append(exports)
-    await nursery.start(qsd.run)
+    await nursery.start(gw.supervisor.supervise, "qsd", qsd.run)
     await trio.to_thread.run_sync(prepare_rootfs_root, run_dir)
     rootfs = RootfsManager(run_dir, gw.catalog, exports, view, gw.lock, nursery)
+    rootfs.userns_range = gw.settings.userns_range
     metrics = Metrics(lambda: len(gw.catalog.volumes()), lambda: len(exports.active),
                       lambda: len(rootfs.active))
     metrics.leftovers_found.inc(gw.reconcile_report.get("found", 0))
     metrics.leftovers_cleaned.inc(gw.reconcile_report.get("cleaned", 0))
     rootfs.on_phase.append(metrics.observe_phase)
+    metrics.track_userns(lambda: len(gw.catalog.userns_slices()))
+    metrics.track_leases(lambda: len(gw.leases.fenced()), lambda: gw.leases.fencings)
+    gw.leases.on_fenced = Fencer(rootfs, exports, gw.lock)
     await exports.restore()
+    await take_leases(gw, exports, [*adopted, *gw.reconcile_report.get("volumes", {})])
     for name, att in adopted.items():
         try:
             await rootfs.adopt(name, att)
         except GatewayError as exc:
             log.error("adopting an attachment failed", extra=fields(volume=name,
                                                                     error=exc.message))
-    await nursery.start(gw.jobs.run)
-    gw.attach(Components(qsd=qsd, exports=exports, rootfs=rootfs, metrics=metrics))
+    gw.supervisor.on_failure.append(metrics.count_component_failure)
+    guard = DataPlaneGuard(view, run_dir, rootfs, exports, log_level=gw.settings.log_level)
+    guard.on_death.append(metrics.dataplane_deaths.inc)
+    await nursery.start(gw.supervisor.supervise, "dataplane-watcher", guard.run)
+    await nursery.start(gw.supervisor.supervise, "jobs", gw.jobs.run)
+    gw.attach(Components(qsd=qsd, exports=exports, rootfs=rootfs, metrics=metrics,
+                         dataplane=guard))
+
+
+async def take_leases(gw: Gateway, exports: Exports, attached: list[str]) -> None:
+    """The writable RBD exports this gatewayd serves (adopted from its predecessor, whose lease
+    it cannot renew) need their writer lease back before it lapses; so do the volumes whose
+    attachments it adopted or tore down. One that another host holds now was fenced."""
+    for name in sorted({*exports.active, *attached}):
+        image = gw.catalog.rbd_image(name)
+        if image is None or gw.catalog.volume(name).read_only:
+            continue
+        try:
+            await gw.leases.take(name, image, resume=True)
+        except GatewayError as exc:
+            log.error("could not take the writer lease of a served rbd volume",
+                      extra=fields(volume=name, error=exc.message))
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -240,6 +284,9 @@ def parse_args(argv: list[str] | None) -> Settings:
                         help="holds admin.sock and runtime state (env GATEWAY_RUN_DIR)")
     parser.add_argument("--admin-group", default=defaults.admin_group,
                         help="group whose members may use the admin socket besides root")
+    parser.add_argument("--tenant-group", default=defaults.tenant_group,
+                        help="group whose members may use the admin socket as tenants: their "
+                             "own volumes only (env GATEWAY_TENANT_GROUP)")
     parser.add_argument("--allowed-roots", default=None,
                         help="colon-separated directories images must live in "
                              "(env GATEWAY_ALLOWED_ROOTS)")
@@ -253,16 +300,42 @@ def parse_args(argv: list[str] | None) -> Settings:
                         metavar="SECONDS",
                         help="keep an export a mount made open this long after the umount, for "
                              "a quick remount (env GATEWAY_EXPORT_LINGER; 0 closes at once)")
+    parser.add_argument("--userns-range", default=None, metavar="START:COUNT",
+                        help="host ids --userns domains get 65536-id slices of (env "
+                             "GATEWAY_USERNS_RANGE; default: the /etc/subuid and /etc/subgid "
+                             "entries of the system user storage-gateway)")
+    parser.add_argument("--ceph-timeout", default=None, metavar="SECONDS",
+                        help="seconds a Ceph cluster may take to answer before an RBD request "
+                             "fails (env GATEWAY_CEPH_TIMEOUT; default 10)")
+    parser.add_argument("--host-id", default=None, metavar="ID",
+                        help="this host's id among the hosts sharing a Ceph cluster: the "
+                             "cookie of its writer leases (env GATEWAY_HOST_ID; default the "
+                             "host name)")
+    parser.add_argument("--lease-seconds", default=None, metavar="SECONDS",
+                        help="how long a writer lease on an RBD image lasts unless renewed: "
+                             "another host may take it over that long after this one dies "
+                             "(env GATEWAY_LEASE_SECONDS; default 20)")
     ns = parser.parse_args(argv)
     try:
         check_linger(ns.export_linger, "--export-linger")
+        lease_seconds = (ceph_seconds(ns.lease_seconds, "--lease-seconds",
+                                      default=DEFAULT_LEASE_SECONDS, least=MIN_LEASE_SECONDS)
+                         if ns.lease_seconds is not None else defaults.lease_seconds)
+        host = host_id(ns.host_id, "--host-id") if ns.host_id is not None else defaults.host_id
+        ceph_timeout = (ceph_seconds(ns.ceph_timeout, "--ceph-timeout")
+                        if ns.ceph_timeout is not None else defaults.ceph_timeout)
+        id_range = (userns_range(ns.userns_range, "--userns-range")
+                    if ns.userns_range is not None else defaults.userns_range)
     except ValueError as exc:
         parser.error(str(exc))
     roots = (parse_roots(ns.allowed_roots) if ns.allowed_roots is not None
              else defaults.allowed_roots)
     return Settings(state_dir=ns.state_dir.absolute(), run_dir=ns.run_dir.absolute(),
-                    admin_group=ns.admin_group, allowed_roots=roots, log_level=ns.log_level,
-                    libvirt_uri=ns.libvirt_uri, export_linger=ns.export_linger)
+                    admin_group=ns.admin_group, tenant_group=ns.tenant_group or None,
+                    allowed_roots=roots, log_level=ns.log_level,
+                    libvirt_uri=ns.libvirt_uri, export_linger=ns.export_linger,
+                    userns_range=id_range, ceph_timeout=ceph_timeout, host_id=host,
+                    lease_seconds=lease_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ so a loop device over the block view sees a short stall instead of an I/O error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -38,7 +39,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import trio
 
 from gateway.catalog import Catalog, Volume
-from gateway.errors import Conflict, NotFound
+from gateway.ceph.location import RbdImage
+from gateway.errors import Conflict, GatewayError, NotFound
 from gateway.export.backend import VolumeBackend
 from gateway.export.states import ExportEvent, ExportState, transition
 from gateway.log import fields
@@ -56,11 +58,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.export.manager")
 
 
-def spec_of(volume: Volume, backing: ExportSpec | None = None) -> ExportSpec:
+def spec_of(volume: Volume, backing: ExportSpec | None = None,
+            rbd: RbdImage | None = None) -> ExportSpec:
     fmt: Literal["raw", "qcow2"] = "qcow2" if volume.format == "qcow2" else "raw"
     return ExportSpec(name=volume.name, path=volume.path, fmt=fmt, read_only=volume.read_only,
                       block_device=volume.block_device, backing=backing,
-                      file_id=volume.file_id)
+                      file_id=volume.file_id, rbd=rbd)
 
 
 def chain_spec(catalog: Catalog, volume: Volume, *, top: bool = True) -> ExportSpec:
@@ -81,7 +84,7 @@ def chain_spec(catalog: Catalog, volume: Volume, *, top: bool = True) -> ExportS
     if top and catalog.overlays_of(volume.name) and not volume.read_only:
         raise Conflict(f"volume {volume.name} is the base of overlays "
                        f"{', '.join(catalog.overlays_of(volume.name))}; it is read-only")
-    return spec_of(volume, backing)
+    return spec_of(volume, backing, catalog.rbd_image(volume.name))
 
 
 @dataclass
@@ -235,6 +238,27 @@ class Exports:
         held = name in self._records
         await self._fire(name, ExportEvent.CLOSE if forget else ExportEvent.SHUTDOWN)
         return held
+
+    async def drop(self, name: str) -> None:
+        """Close an export whose node fails every request (a fenced RBD volume), with no flush:
+        its standby, the block view's volume, gatewayd's connection and QSD's export go whatever
+        fails, and the catalog forgets it. The data plane drops the volume before its own flush
+        fails, so a second unplug finds it gone and settles the view. Caller holds the lock."""
+        record = self._records.pop(name, None)
+        self.catalog.set_exported(name, False)
+        if record is not None and record.idle is not None:
+            record.idle.over.set()
+            await record.idle.close_standby()
+        if name in self.view.volumes():
+            try:
+                await self.view.unplug(name, force=True)
+            except GatewayError:
+                await self.view.unplug(name, force=True)
+        if record is not None:
+            with contextlib.suppress(GatewayError):
+                await record.export.backend.client.aclose()
+        await self.qsd.unexport(name, missing_ok=True, force=True)
+        log.warning("fenced export dropped", extra=fields(volume=name))
 
     async def restore(self) -> None:
         """Reconnect every export the catalog remembers (at start)."""

@@ -13,7 +13,8 @@ the gateway always hands it the rootfs window file (offset 0), never the whole d
 Finding fuse2fs processes (after a crash): argv is whatever a process says it is, so only a
 process whose real and effective uid are 0 and whose executable (/proc/PID/exe) is the real
 fuse2fs binary is trusted (`identify`). An adopted handle is confined to a directory (the run
-dir's rootfs root): it never unmounts a target outside it, and re-checks the pid before a signal.
+dir's rootfs root, or its mnt root where fuse2fs serves the id-shifting layer of a user-namespace
+rootfs): it never unmounts a target outside it, and re-checks the pid before a signal.
 Blocking calls: run them in worker threads, never on the trio thread serving the block view.
 """
 

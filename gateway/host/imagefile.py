@@ -23,6 +23,7 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 
+from gateway.ceph.location import is_rbd_path
 from gateway.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 
 FileId = tuple[int, int]
@@ -32,6 +33,10 @@ _LEAF = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def open_path(path: str) -> int:
     """An O_PATH fd of the absolute `path`, reached without following any symlink."""
+    if is_rbd_path(path):
+        raise InvalidArgument(f"{path} is an RBD image, not a file: this operation works on "
+                              "image files only (RBD volumes export, probe, mount and start "
+                              "domains)")
     if not path.startswith("/") or "\0" in path:
         raise InvalidArgument(f"image path must be absolute: {path!r}")
     parts = [p for p in path.split("/") if p]

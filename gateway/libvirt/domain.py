@@ -16,6 +16,7 @@ import libvirt
 
 from gateway.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from gateway.libvirt.connection import DEFAULT_URI, close_quietly, connect, libvirt_errors
+from gateway.userns.slices import IdMap
 
 METADATA_NS = "https://storage-gateway.invalid/xmlns/attachment/1"
 METADATA_PREFIX = "gateway"
@@ -48,9 +49,13 @@ def _validate_attachment(volume: str, mode: str) -> None:
 
 
 def domain_xml(name: str, rootfs: str, volume: str, mode: str, init: str = "/sbin/init",
-               args: Sequence[str] = (), memory_mib: int = 128, vcpus: int = 1) -> str:
+               args: Sequence[str] = (), memory_mib: int = 128, vcpus: int = 1,
+               ids: IdMap | None = None) -> str:
     """The libvirt-lxc domain XML: `rootfs` (a host directory) mounted as `/`, a pty console and
-    the gateway attachment (volume, mode) in <metadata>."""
+    the gateway attachment (volume, mode) in <metadata>. With `ids` the container runs in a user
+    namespace: <idmap> for uids and gids, `userns="yes"` in the metadata (the hook then asks for
+    an idmapped rootfs with the domain's own map), and a network namespace of its own
+    (<privnet/>), without which libvirt 9.0 fails a user-namespace domain."""
     validate_name(name)
     _validate_attachment(volume, mode)
     if not rootfs.startswith("/"):
@@ -67,8 +72,10 @@ def domain_xml(name: str, rootfs: str, volume: str, mode: str, init: str = "/sbi
     meta = ET.SubElement(dom, "metadata")
     # The namespace is declared on the element itself (not hoisted to <domain>), as libvirt keeps
     # only the metadata subtree.
-    ET.SubElement(meta, f"{METADATA_PREFIX}:attachment",
-                  {f"xmlns:{METADATA_PREFIX}": METADATA_NS, "volume": volume, "mode": mode})
+    attrs = {f"xmlns:{METADATA_PREFIX}": METADATA_NS, "volume": volume, "mode": mode}
+    if ids is not None:
+        attrs["userns"] = "yes"
+    ET.SubElement(meta, f"{METADATA_PREFIX}:attachment", attrs)
     ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
     ET.SubElement(dom, "vcpu").text = str(vcpus)
     os_el = ET.SubElement(dom, "os")
@@ -76,6 +83,11 @@ def domain_xml(name: str, rootfs: str, volume: str, mode: str, init: str = "/sbi
     ET.SubElement(os_el, "init").text = init
     for arg in args:
         ET.SubElement(os_el, "initarg").text = arg
+    if ids is not None:
+        idmap = ET.SubElement(dom, "idmap")
+        ET.SubElement(idmap, "uid", start="0", target=str(ids.uid_first), count=str(ids.count))
+        ET.SubElement(idmap, "gid", start="0", target=str(ids.gid_first), count=str(ids.count))
+        ET.SubElement(ET.SubElement(dom, "features"), "privnet")
     devices = ET.SubElement(dom, "devices")
     fs = ET.SubElement(devices, "filesystem", type="mount")
     ET.SubElement(fs, "source", dir=rootfs)
@@ -98,6 +110,24 @@ def attachment_from_xml(xml: str) -> tuple[str, str] | None:
     if not volume or mode not in MODES:
         return None
     return volume, mode
+
+
+def idmap_from_xml(xml: str) -> IdMap | None:
+    """The map of a domain's <idmap> (id 0 of uid and gid, equal counts), None without one."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    uid, gid = root.find("idmap/uid"), root.find("idmap/gid")
+    if uid is None or gid is None or uid.get("start") != "0" or gid.get("start") != "0":
+        return None
+    try:
+        count = int(uid.get("count", ""))
+        if int(gid.get("count", "")) != count:
+            return None
+        return IdMap(int(uid.get("target", "")), int(gid.get("target", "")), count)
+    except (ValueError, InvalidArgument):
+        return None
 
 
 def rootfs_from_xml(xml: str) -> str | None:
@@ -195,13 +225,19 @@ def stop_domain(name: str, *, uri: str = DEFAULT_URI) -> bool:
 
 
 def describe(dom: Any) -> dict[str, Any] | None:
-    """{name, state, volume, mode} of a gateway domain, None for others (blocking)."""
-    attachment = attachment_from_xml(dom.XMLDesc(0))
+    """{name, state, volume, mode[, idmap]} of a gateway domain (idmap: a user-namespace
+    domain's map), None for others (blocking)."""
+    xml = dom.XMLDesc(0)
+    attachment = attachment_from_xml(xml)
     if attachment is None:
         return None
     state, _reason = dom.state()
-    return {"name": dom.name(), "state": state_name(state), "volume": attachment[0],
-            "mode": attachment[1]}
+    info: dict[str, Any] = {"name": dom.name(), "state": state_name(state),
+                            "volume": attachment[0], "mode": attachment[1]}
+    ids = idmap_from_xml(xml)
+    if ids is not None:  # a user-namespace domain
+        info["idmap"] = ids.to_json()
+    return info
 
 
 def list_domains(*, uri: str = DEFAULT_URI) -> list[dict[str, Any]]:

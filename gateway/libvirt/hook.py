@@ -3,7 +3,9 @@
 libvirtd runs HOOKS_DIR/lxc NAME OPERATION SUBOP EXTRA with the domain XML on stdin. Our hook is a
 self-contained Python script (pyexpat, _socket and _json only, started with -I -S: no site import)
 that speaks the admin protocol directly: on `prepare` it sends op `mount` {"name": VOLUME,
-"mode": MODE}, on `release` op `umount` {"name": VOLUME}. Domains without gateway metadata are
+"mode": MODE} (a domain whose metadata says userns="yes" adds "idmap": the map of its own
+<idmap>, so the rootfs is idmapped with exactly the ids the container runs as), on `release` op
+`umount` {"name": VOLUME}. Domains without gateway metadata are
 ignored. A foreign `lxc` hook is never overwritten: it is moved to `lxc.gateway-chained` and run
 after ours with the same arguments and stdin (or installation is refused with chain=False).
 
@@ -46,18 +48,21 @@ def fail(message):
 
 
 def attachment(xml):
-    \"\"\"(volume, mode, rootfs source dir) or None for domains that are not the gateway's.\"\"\"
+    \"\"\"(volume, mode, rootfs source dir, idmap request or None) or None for domains that are
+    not the gateway's.\"\"\"
     if NS.encode() not in xml:
         return None  # fast path: no need to parse
     import pyexpat
     parser = pyexpat.ParserCreate(None, "}}")
-    path, found, filesystems = [], {{}}, []
+    path, found, filesystems, ids = [], {{}}, [], {{}}
 
     def start(name, attrs):
         path.append(name)
         where = "/".join(path)
         if where == "domain/metadata/" + NS + "}}attachment":
             found.update(attrs)
+        elif where in ("domain/idmap/uid", "domain/idmap/gid"):
+            ids.setdefault(name, attrs)
         elif where == "domain/devices/filesystem":
             filesystems.append({{}})
         elif where in ("domain/devices/filesystem/source", "domain/devices/filesystem/target"):
@@ -75,7 +80,18 @@ def attachment(xml):
     for fs in filesystems:
         if fs.get("target", {{}}).get("dir") == "/" and "source" in fs:
             rootfs = fs["source"].get("dir")
-    return found["volume"], found["mode"], rootfs
+    idmap = None
+    if found.get("userns") == "yes":
+        uid, gid = ids.get("uid", {{}}), ids.get("gid", {{}})
+        try:
+            if uid["start"] != "0" or gid["start"] != "0" or uid["count"] != gid["count"]:
+                raise ValueError(uid)
+            idmap = {{"uid_first": int(uid["target"]), "gid_first": int(gid["target"]),
+                     "count": int(uid["count"])}}
+        except (KeyError, ValueError):
+            fail("domain has userns metadata but no <idmap> of uid and gid from 0 with one "
+                 "count")
+    return found["volume"], found["mode"], rootfs, idmap
 
 
 def encode(value):
@@ -170,9 +186,12 @@ def main():
     if op is not None:
         found = attachment(data)
         if found is not None:
-            volume, mode, rootfs = found
+            volume, mode, rootfs, idmap = found
             if op == "mount":
-                result = call(op, {{"name": volume, "mode": mode}})
+                request = {{"name": volume, "mode": mode}}
+                if idmap is not None:
+                    request["idmap"] = idmap
+                result = call(op, request)
                 got = result.get("rootfs") if isinstance(result, dict) else None
                 if rootfs and got and os.path.realpath(got) != os.path.realpath(rootfs):
                     fail("gatewayd mounted volume %s at %s but the domain boots from %s"

@@ -38,8 +38,20 @@ STATE_PATH = Path("/var/run/libvirt/storage-gateway-libvirtd.json")
 SYSTEM_HOOKS_DIR = Path("/etc/libvirt/hooks")
 CGROUP_UNIFIED = Path("/sys/fs/cgroup/unified")
 
+# The new namespace starts as a copy of the host's mounts. A private mount copied into it (no
+# shared: or master: tag: nothing propagates to the copy, not even the host's umount) would keep
+# its filesystem mounted here after the host unmounts it: the gateway's private kernel mounts on
+# loop devices and its FUSE mounts (block view, fuse2fs) would then stay busy for libvirtd's
+# lifetime ("loop device still bound" at every later umount). Drop those copies, deepest first.
+DROP_PRIVATE_COPIES = r"""
+awk '{
+  tagged = 0
+  for (i = 7; $i != "-"; i++) if ($i ~ /^(shared|master):/) tagged = 1
+  if (!tagged && ($(i + 1) ~ /^fuse/ || $(i + 2) ~ /^\/dev\/loop/)) print $5
+}' /proc/self/mountinfo | sort -r | while read -r target; do umount -l "$target" || :; done
+"""
 # Runs as the libvirtd process itself (unshare and sh exec into it), inside the new namespace.
-_NAMESPACE_SCRIPT = """
+_NAMESPACE_SCRIPT = DROP_PRIVATE_COPIES + """
 set -e
 if [ -d "$1" ] && grep -q " $1 " /proc/self/mountinfo; then umount "$1"; fi
 if [ -n "$2" ]; then mkdir -p "$3"; mount --bind "$2" "$3"; fi

@@ -40,8 +40,12 @@ from typing import Any
 import trio
 
 from gateway import command
+from gateway.ceph import client as ceph_client
+from gateway.ceph.client import ClientConfig
+from gateway.ceph.leases import Leases
 from gateway.errors import (
     BackendError,
+    ClusterError,
     CommandError,
     Conflict,
     FormatError,
@@ -70,17 +74,24 @@ START_TIMEOUT = 10.0
 MAX_UNIX_PATH = 107
 ARGV_LIMIT = 16  # command lines kept in `argvs`, newest last
 STOP_GRACE = 3.0  # seconds after SIGTERM before SIGKILL
+STABLE_SECONDS = 0.25  # a QSD that served this long before dying is restarted without backoff
 
 
 class QSDError(BackendError):
     """qemu-storage-daemon could not be started or stopped."""
 
 
-def _pin_chain(spec: ExportSpec) -> dict[str, tuple[int, FileId]]:
-    """O_PATH fds of every layer's file, checked (imagefile.open_pinned); blocking."""
+def _pin_chain(spec: ExportSpec, ceph: ClientConfig) -> dict[str, tuple[int, FileId]]:
+    """O_PATH fds of every layer's file, checked (imagefile.open_pinned); an RBD layer has no
+    file: its cluster must answer within `ceph`'s timeout instead, so that QSD (whose librbd
+    waits minutes for a dead cluster, stalling every export) is never asked to open it in
+    vain. Blocking."""
     pins: dict[str, tuple[int, FileId]] = {}
     try:
         for layer in spec.chain():
+            if layer.rbd is not None:
+                ceph_client.check_reachable(layer.rbd, ceph)
+                continue
             pins[layer.name] = imagefile.open_pinned(layer.path, layer.file_id)
     except BaseException:
         for fd, _ in pins.values():
@@ -132,6 +143,8 @@ class StorageDaemon:
         self.failures: dict[str, str] = {}
         self._specs: dict[str, ExportSpec] = {}
         self._file_ids: dict[str, FileId] = {}  # the top layer's file of each export
+        self.ceph = ClientConfig()  # how long an RBD volume's cluster may take to answer
+        self.leases: Leases | None = None  # writer leases on RBD images (gatewayd's)
         self._lock = trio.Lock()
         self._ready = trio.Event()
         self._qmp: QMPClient | None = None
@@ -244,10 +257,13 @@ class StorageDaemon:
         """Add the export's nodes and the export. Every layer's file is opened first, in a
         worker thread, without following symlinks and checked against its registered identity;
         QSD gets /proc/<our pid>/fd/N, so it opens exactly the checked file."""
-        pins = await trio.to_thread.run_sync(_pin_chain, spec)
+        pins = await trio.to_thread.run_sync(_pin_chain, spec, self.ceph)
         added: list[str] = []
         try:
-            self._check_sharing(spec, pins[spec.name][1])
+            if spec.name in pins:
+                self._check_sharing(spec, pins[spec.name][1])
+            if spec.rbd is not None and not spec.read_only and self.leases is not None:
+                await self.leases.take(spec.name, spec.rbd)  # one writer across hosts
             filenames = {name: imagefile.proc_path(fd) for name, (fd, _) in pins.items()}
             for cmd, args in layer_commands(spec, self.io, filenames=filenames):
                 await qmp.execute(cmd, args)
@@ -261,7 +277,8 @@ class StorageDaemon:
         finally:
             for fd, _ in pins.values():
                 os.close(fd)
-        self._file_ids[spec.name] = pins[spec.name][1]
+        if spec.name in pins:
+            self._file_ids[spec.name] = pins[spec.name][1]
 
     async def _remove(self, qmp: QMPClient, spec: ExportSpec, *, force: bool) -> None:
         export_id = node_names(spec).export_id
@@ -309,11 +326,12 @@ class StorageDaemon:
         died_at: float | None = None
         try:
             while True:
-                born = trio.current_time()
+                ready_at: float | None = None
                 try:
                     async with self._generation() as lost:
+                        ready_at = trio.current_time()
                         if died_at is not None:
-                            self.last_restart_seconds = trio.current_time() - died_at
+                            self.last_restart_seconds = ready_at - died_at
                         if not started:
                             started = True
                             task_status.started()
@@ -326,9 +344,12 @@ class StorageDaemon:
                                    + command.stderr_tail(self.log_path))
                 died_at = trio.current_time()
                 self.restarts += 1
-                lived = died_at - born
-                backoff = 0.0 if lived > 5 else min(max(backoff * 2, 0.05), 5.0)
-                if backoff and self.restarts > 1:
+                # A crash loop (dying before ready, or within STABLE_SECONDS of it) backs off,
+                # doubling to 5 s; a QSD that served is restarted at once, however often it is
+                # killed (the restart is a stall inside every container).
+                served = ready_at is not None and died_at - ready_at > STABLE_SECONDS
+                backoff = 0.0 if served else min(max(backoff * 2, 0.05), 5.0)
+                if backoff:
                     await trio.sleep(backoff)
         finally:
             self._ready = trio.Event()
@@ -487,13 +508,14 @@ class StorageDaemon:
                 if export_id in left:
                     left.discard(export_id)
                     # still the registered file? (checked as for a new export)
-                    pins = await trio.to_thread.run_sync(_pin_chain, spec)
+                    pins = await trio.to_thread.run_sync(_pin_chain, spec, self.ceph)
                     for fd, _ in pins.values():
                         os.close(fd)
-                    self._file_ids[spec.name] = pins[spec.name][1]
+                    if spec.name in pins:
+                        self._file_ids[spec.name] = pins[spec.name][1]
                 else:
                     await self._add(qmp, spec)
-            except (QMPError, Conflict, NotFound, FormatError, PermissionDenied,
+            except (QMPError, Conflict, NotFound, FormatError, PermissionDenied, ClusterError,
                     InvalidArgument) as exc:
                 self.failures[spec.name] = str(exc)
                 if serving is not None and export_id in serving:

@@ -2,4 +2,4 @@
 gatewayctl, and builders of the disk images they boot and probe.
 """
 
-__all__ = ["daemon", "images", "probe_images"]
+__all__ = ["ceph", "daemon", "images", "probe_images"]

@@ -134,6 +134,9 @@ def build_overlay(name: str, final: Path, base: ExportSpec, size: int, *, nosuid
                   noexec: bool = False) -> Volume:
     """A qcow2 overlay of `size` bytes over `base` (-F with the base's pinned format, always;
     the base file is not opened)."""
+    if any(layer.rbd is not None for layer in base.chain()):
+        raise InvalidArgument(f"volume {base.name} is an RBD volume: overlays of it (an RBD "
+                              "snapshot and clone in the cluster) are not implemented yet")
     with building(final) as partial:
         qemu_img.create(partial, "qcow2", size, backing=Path(base.path), backing_fmt=base.fmt)
     try:

@@ -1,13 +1,15 @@
 """Shared pieces of the fault-injection tests: a fsyncing writer process, waits, and checks.
 
 The writer is a separate process that writes numbered 4 KiB files into a directory on a mounted
-rootfs, fsyncs each file and the directory, and only then records the number in an ack file that
-lives outside the gateway (so the ack survives any fault). After a fault, every acknowledged file
-must be present with its exact content.
+rootfs, fsyncs each file and the directory, and only then records the number (with the monotonic
+time of the ack) in an ack file that lives outside the gateway (so the ack survives any fault).
+After a fault, every acknowledged file must be present with its exact content; the largest gap
+between two acks is the write stall the fault caused.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -26,7 +28,7 @@ CYCLES = int(os.environ.get("SOAK_CYCLES", "1"))
 REPORT = os.environ.get("SOAK_REPORT")  # append one JSON line per cycle when set
 
 WRITER = r"""
-import os, sys
+import os, sys, time
 target, ack = sys.argv[1], sys.argv[2]
 os.makedirs(target, exist_ok=True)
 with open(ack, "a") as log:
@@ -40,7 +42,7 @@ with open(ack, "a") as log:
         dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
         os.fsync(dfd)
         os.close(dfd)
-        log.write("%d\n" % i)
+        log.write("%d %.6f\n" % (i, time.monotonic()))
         log.flush()
         os.fsync(log.fileno())
         i += 1
@@ -62,11 +64,20 @@ class Writer:
                                       str(self.ack)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    def acked(self) -> list[int]:
+    def _rows(self) -> list[list[str]]:
         try:
-            return [int(x) for x in self.ack.read_text().split()]
+            text = self.ack.read_text()
         except FileNotFoundError:
             return []
+        return [row.split() for row in text.splitlines() if len(row.split()) == 2]
+
+    def acked(self) -> list[int]:
+        return [int(row[0]) for row in self._rows()]
+
+    def max_stall(self) -> float:
+        """The largest gap, in seconds, between two consecutive acks."""
+        times = [float(row[1]) for row in self._rows()]
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
     def wait_acks(self, count: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -150,6 +161,7 @@ class CycleReport:
     cycle: int
     acked: int = 0
     recovery_s: float = 0.0
+    stall_s: float = 0.0  # the writer's largest gap between two acks in the cycle
     leaks: list[str] = field(default_factory=list)
     gatewayd_fds: int = 0
     extra: dict[str, Any] = field(default_factory=dict)

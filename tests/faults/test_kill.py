@@ -66,7 +66,7 @@ def rig(tmp_path: Path, image_set: ImageSet) -> Iterator[tuple[Daemon, Path]]:
 
 def run_cycle(daemon: Daemon, image: Path, tmp: Path, scenario: str, mode: str,
               cycle: int) -> CycleReport:
-    report = CycleReport(scenario, cycle)
+    report = CycleReport(f"{scenario}-{mode}", cycle)
     daemon.ctl("mount", VOL, "--mode", mode, check=True)
     rel = f"w{cycle}"
     writer = Writer(daemon.run_dir / "rootfs" / VOL / rel, tmp / f"ack-{scenario}-{cycle}")
@@ -114,6 +114,7 @@ def run_cycle(daemon: Daemon, image: Path, tmp: Path, scenario: str, mode: str,
         writer.stop()
     assert healthy(daemon)
     acked = writer.acked()
+    report.stall_s = round(writer.max_stall(), 3)
     # The remount replays (bind) or preens after the lost fuse2fs (fuse), as a boot would.
     report.acked = verify_data(daemon, VOL, rel, acked, mode)
     report.extra["fsck"] = fsck_clean(image)
