@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
-APT_PACKAGES := qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit nbdfuse fuse3 \
+APT_PACKAGES := qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit fuse3 \
 	libfuse3-dev fuse2fs libvirt-daemon libvirt-daemon-driver-lxc libvirt-clients libvirt-dev \
 	libparted-dev pkg-config busybox-static e2fsprogs xfsprogs btrfs-progs dosfstools fdisk gdisk \
 	squashfs-tools cryptsetup-bin lvm2 util-linux zstd python3-venv python3-dev gcc clang \

@@ -220,6 +220,23 @@ def libvirtd_mountpoint(path: Path) -> bool:
     return mount_propagation(path) is not None
 
 
+def container_init(uri: str, name: str) -> tuple[int, int]:
+    """Host pid and uid of a running container's init: the one child of its libvirt_lxc
+    controller (whose pid is the domain's ID)."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        controller = conn.lookupByName(name).ID()
+    finally:
+        conn.close()
+    children = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
+    assert len(children) == 1, children
+    status = Path(f"/proc/{children[0]}/status").read_text()
+    return int(children[0]), int(next(ln for ln in status.splitlines()
+                                       if ln.startswith("Uid:")).split()[1])
+
+
 def open_ancestors(run_dir: Path) -> dict[Path, int]:
     """Search permission for others on the directories above the run dir (pytest's are 0700):
     a tenant reaches the admin socket, and a container in a user namespace its rootfs, as

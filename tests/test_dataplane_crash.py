@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,6 @@ from gateway.testing.daemon import Daemon
 from gateway.testing.images import ImageSet, copy_image
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def gatewayd(tmp_path: Path) -> Iterator[Daemon]:
-    daemon = Daemon(state_dir=tmp_path / "state", run_dir=tmp_path / "run",
-                    log_path=tmp_path / "gatewayd.log", extra_args=["--libvirt-uri", ""])
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        assert daemon.cleanup() == []
 
 
 def status(daemon: Daemon) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from gateway.libvirt import domain
 from gateway.libvirt.hook import is_ours
 from gateway.testing.daemon import Daemon
 from gateway.testing.images import MARKER, ImageSet, copy_image
-from tests.libvirt_env import LibvirtEnv, libvirt_env, serving_gatewayd
+from tests.libvirt_env import LibvirtEnv, container_init, libvirt_env, serving_gatewayd
 
 __all__ = ["libvirt_env"]  # the session fixture
 
@@ -77,20 +77,6 @@ def attachment(gw: Daemon, volume: str) -> Any:
 def torn_down(gw: Daemon, volume: str) -> bool:
     return attachment(gw, volume) is None and not run_dir_mounts(
         gw.run_dir, gw.standby_loops().values())
-
-
-def container_init_pid(name: str) -> int:
-    """Host pid of the container's init: the one child of its libvirt_lxc controller."""
-    import libvirt
-
-    conn = libvirt.open("lxc:///")
-    try:
-        controller = conn.lookupByName(name).ID()
-    finally:
-        conn.close()
-    children = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
-    assert len(children) == 1, children
-    return int(children[0])
 
 
 def add_volume(gw: Daemon, images: ImageSet, tmp: Path, volume: str, table: str,
@@ -215,7 +201,7 @@ def test_killed_init_tears_the_mount_down(gw: Daemon, image_set: ImageSet, tmp_p
     add_volume(gw, image_set, tmp_path, volume, "mbr", "qcow2")
     ctl_json(gw, "domain", "start", name, "--volume", volume, "--mode", mode)
     assert read_marker(name) == MARKER
-    os.kill(container_init_pid(name), signal.SIGKILL)
+    os.kill(container_init("lxc:///", name)[0], signal.SIGKILL)
     wait_for("the mount to go away", lambda: torn_down(gw, volume))
     assert domain.domain_state(name) == "shutoff"
     assert ctl_json(gw, "domain", "stop", name)["stopped"] is True  # undefines it

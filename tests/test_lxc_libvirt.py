@@ -16,7 +16,13 @@ from gateway.libvirt import domain
 from gateway.libvirt.events import LifecycleEvent, LifecycleEvents
 from gateway.libvirt.hostview import release_host_view
 from gateway.testing.images import MARKER, build_rootfs_tree
-from tests.libvirt_env import FakeGatewayd, LibvirtEnv, libvirt_env, umount_below
+from tests.libvirt_env import (
+    FakeGatewayd,
+    LibvirtEnv,
+    container_init,
+    libvirt_env,
+    umount_below,
+)
 
 __all__ = ["libvirt_env"]  # the session fixture
 
@@ -53,20 +59,6 @@ def boot(env: LibvirtEnv, fake: FakeGatewayd, name: str, volume: str) -> Path:
 def enter(name: str, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["virsh", "-c", "lxc:///", "lxc-enter-namespace", name, "--noseclabel",
                            *argv], capture_output=True, text=True, timeout=30)
-
-
-def container_init_pid(env: LibvirtEnv, name: str) -> int:
-    """The container's init: the child of its libvirt_lxc controller (whose pid is the ID)."""
-    import libvirt
-
-    conn = libvirt.open(env.uri)
-    try:
-        controller = conn.lookupByName(name).ID()
-    finally:
-        conn.close()
-    children = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
-    assert len(children) == 1, children
-    return int(children[0])
 
 
 @pytest.mark.timeout(60)
@@ -143,7 +135,7 @@ async def test_stopped_event_when_init_is_killed(libvirt_env: LibvirtEnv,
         await trio.to_thread.run_sync(boot, libvirt_env, gatewayd, "t-kill", "vol-2")
         started = await wait_for("t-kill", "started")
         assert (started.volume, started.mode) == ("vol-2", "bind")
-        pid = await trio.to_thread.run_sync(container_init_pid, libvirt_env, "t-kill")
+        pid, _ = await trio.to_thread.run_sync(container_init, libvirt_env.uri, "t-kill")
         os.kill(pid, signal.SIGKILL)
         stopped = await wait_for("t-kill", "stopped")
         assert (stopped.volume, stopped.mode) == ("vol-2", "bind")

@@ -28,7 +28,13 @@ import pytest
 from gateway.tenants.socket import admitted_groups
 from gateway.testing.daemon import BIN, Daemon
 from gateway.testing.images import ImageSet, copy_image
-from tests.libvirt_env import LibvirtEnv, libvirt_env, open_ancestors, serving_gatewayd
+from tests.libvirt_env import (
+    LibvirtEnv,
+    container_init,
+    libvirt_env,
+    open_ancestors,
+    serving_gatewayd,
+)
 
 __all__ = ["libvirt_env"]  # the session fixture
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.fuse, pytest.mark.libvirtd]
@@ -130,21 +136,6 @@ def tenancy(tenants: None, libvirt_env: LibvirtEnv,
             path.chmod(mode)
 
 
-def init_uid(uri: str, name: str) -> int:
-    """Host uid of the container's init: the one child of its libvirt_lxc controller."""
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        controller = conn.lookupByName(name).ID()
-    finally:
-        conn.close()
-    children = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
-    assert len(children) == 1, children
-    status = Path(f"/proc/{children[0]}/status").read_text()
-    return int(next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1])
-
-
 @pytest.mark.timeout(120)
 def test_tenants(tenancy: Tenancy, image_set: ImageSet, tmp_path: Path) -> None:
     t, gw = tenancy, tenancy.gw
@@ -221,7 +212,7 @@ def test_tenants(tenancy: Tenancy, image_set: ImageSet, tmp_path: Path) -> None:
     assert t.ok(ALICE, "umount", "a1")["mounted"] is False
     started = t.ok(ALICE, "domain", "start", DOMAIN, "--volume", "a1", "--userns")
     assert started["idmap"]["uid_first"] == FIRST[ALICE]
-    assert init_uid(t.uri, DOMAIN) == FIRST[ALICE]
+    assert container_init(t.uri, DOMAIN)[1] == FIRST[ALICE]
     assert t.refused(BOB, "domain", "stop", DOMAIN) == (
         f"gatewayctl: user {BOB} is a tenant: user {BOB} has no domain named {DOMAIN}")
     status = t.admin("status")

@@ -23,14 +23,13 @@ from gateway.host import acl, fuse2fs, mounts
 from gateway.idshift import process as idshift
 from gateway.testing.daemon import Daemon
 from gateway.testing.images import MARKER, build_rootfs_tree
-from tests.libvirt_env import LibvirtEnv, libvirt_env, open_ancestors
+from tests.libvirt_env import LibvirtEnv, container_init, libvirt_env, open_ancestors
 from tests.test_userns_lxc import (
     OWNED,
     PREFIX,
     RANGE_START,
     SLICE,
     ctl_json,
-    init_of,
     inside,
     make_image,
     owners,
@@ -91,7 +90,7 @@ def test_fuse_userns_domain(ugw: Daemon, libvirt_env: LibvirtEnv, tmp_path: Path
         assert len(layers) == 1
         assert acl.search_allowed(run_dir / "rootfs") == {first}
 
-        pid, uid = init_of(libvirt_env.uri, name)
+        pid, uid = container_init(libvirt_env.uri, name)
         assert uid == first
         out = inside(pid, "id -u; cat /proc/self/uid_map; stat -c %u:%g /etc/marker; "
                           "cat /etc/marker; stat -c %u:%g /etc/hostname; touch /made-by-root; "

@@ -25,7 +25,13 @@ from gateway.libvirt import domain
 from gateway.testing.daemon import Daemon
 from gateway.testing.images import MARKER, ImageSet, build_rootfs_tree, copy_image
 from gateway.userns.slices import IdMap
-from tests.libvirt_env import LibvirtEnv, libvirt_env, open_ancestors, serving_gatewayd
+from tests.libvirt_env import (
+    LibvirtEnv,
+    container_init,
+    libvirt_env,
+    open_ancestors,
+    serving_gatewayd,
+)
 
 __all__ = ["libvirt_env"]  # the session fixture
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.fuse, pytest.mark.libvirtd]
@@ -56,22 +62,6 @@ def inside(pid: int, script: str) -> str:
                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
-
-
-def init_of(uri: str, name: str) -> tuple[int, int]:
-    """Host pid and uid of the container's init: the one child of its libvirt_lxc controller."""
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        controller = conn.lookupByName(name).ID()
-    finally:
-        conn.close()
-    children = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
-    assert len(children) == 1, children
-    status = Path(f"/proc/{children[0]}/status").read_text()
-    return int(children[0]), int(next(ln for ln in status.splitlines()
-                                       if ln.startswith("Uid:")).split()[1])
 
 
 def owners(image: Path, where: Path) -> dict[str, tuple[int, int]]:
@@ -146,7 +136,7 @@ def test_userns_domains_on_every_kernel_fs(ugw: Daemon, libvirt_env: LibvirtEnv,
         assert all(m["gid_first"] == m["uid_first"] for m in maps.values())
         for fs, name in names.items():
             first = maps[fs]["uid_first"]
-            pid, uid = init_of(libvirt_env.uri, name)
+            pid, uid = container_init(libvirt_env.uri, name)
             assert uid == first
             out = inside(pid, "id -u; cat /proc/self/uid_map; stat -c %u:%g /etc/marker; "
                                "cat /etc/marker; touch /made-by-root; touch /made-for-1000; "
@@ -211,7 +201,7 @@ def test_hook_mounts_with_the_domains_own_map(ugw: Daemon, libvirt_env: LibvirtE
                 sh("virsh", "-q", "-c", libvirt_env.uri, "undefine", name)
                 continue
             assert shown["idmap"] == ids.to_json()
-            pid, uid = init_of(libvirt_env.uri, name)
+            pid, uid = container_init(libvirt_env.uri, name)
             assert uid == mine.uid_first
             assert inside(pid, "id -u; stat -c %u /etc/marker").split() == ["0", "0"]
     finally:

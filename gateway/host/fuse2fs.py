@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from gateway import command
 from gateway.errors import BackendError, CommandError, Conflict, FormatError, InvalidArgument
-from gateway.host import mounts
+from gateway.host import mounts, procs
 
 PROGRAM = "fuse2fs"
 SUPPORTED_FSTYPES = ("ext2", "ext3", "ext4")
@@ -73,28 +73,6 @@ def real_program() -> str | None:
     return os.path.realpath(found) if found else None
 
 
-def _norm(path: str | os.PathLike[str]) -> str:
-    return os.path.normpath(os.path.abspath(os.fspath(path)))
-
-
-def _within(path: str, root: str, *, inclusive: bool = False) -> bool:
-    """Whether normalized `path` lies below normalized `root` (or is it, if `inclusive`)."""
-    return (inclusive and path == root) or path.startswith(root.rstrip("/") + "/")
-
-
-def _root_owned(pid: int) -> bool:
-    """Real and effective uid 0, from /proc/PID/status."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    uids = line.split()[1:3]
-                    return len(uids) == 2 and all(u == b"0" for u in uids)
-    except OSError:
-        pass
-    return False
-
-
 def _positional(argv: list[str]) -> list[str]:
     """fuse2fs's positional arguments (image, mount point), skipping options and their values."""
     found: list[str] = []
@@ -135,7 +113,7 @@ def identify(pid: int) -> Process | None:
     try:
         if os.readlink(f"/proc/{pid}/exe") not in (program, program + " (deleted)"):
             return None
-        if not _root_owned(pid):
+        if not procs.root_owned(pid):
             return None
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
@@ -144,20 +122,14 @@ def identify(pid: int) -> Process | None:
         return None
     if not argv or not command.alive(pid):
         return None
-    paths = [_norm(os.path.join(cwd, a)) for a in _positional(argv)]
+    paths = [procs.norm(os.path.join(cwd, a)) for a in _positional(argv)]
     return Process(pid, tuple(argv), paths[0] if paths else None,
                    paths[1] if len(paths) > 1 else None)
 
 
 def trusted_processes() -> list[Process]:
     """Every trusted fuse2fs on the host (see `identify`)."""
-    found: list[Process] = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            proc = identify(int(entry))
-            if proc is not None:
-                found.append(proc)
-    return found
+    return procs.scan(identify)
 
 
 @dataclass
@@ -206,7 +178,7 @@ class Fuse2fs:
 
         An adopted handle refuses a target outside its confining directory, and signals its pid
         only while that still is the trusted fuse2fs at its target."""
-        if self.confine is not None and not _within(self.target, self.confine):
+        if self.confine is not None and not procs.within(self.target, self.confine):
             raise Fuse2fsError(f"fuse2fs: refusing to stop pid {self.pid}: its target "
                                f"{self.target} is outside {self.confine}")
         if self.mounted():
@@ -235,8 +207,8 @@ def start(image: str | os.PathLike[str], target: str | os.PathLike[str], fstype:
     check_fstype(fstype)
     image_s = os.path.abspath(os.fspath(image))
     target_s = os.path.normpath(os.path.abspath(os.fspath(target)))
-    confine_s = _norm(confine) if confine is not None else None
-    if confine_s is not None and not _within(target_s, confine_s):
+    confine_s = procs.norm(confine) if confine is not None else None
+    if confine_s is not None and not procs.within(target_s, confine_s):
         raise InvalidArgument(f"fuse2fs: mount target {target_s} is outside {confine_s}")
     if not os.path.isdir(target_s):
         raise InvalidArgument(f"fuse2fs: mount target {target_s} is not a directory")
@@ -262,24 +234,25 @@ def start(image: str | os.PathLike[str], target: str | os.PathLike[str], fstype:
 
 def processes_under(path: str | os.PathLike[str]) -> dict[int, list[str]]:
     """Trusted fuse2fs processes whose image or mount target lies under `path`: {pid: argv}."""
-    root = _norm(path)
+    root = procs.norm(path)
     return {p.pid: list(p.argv) for p in trusted_processes()
-            if any(a is not None and _within(a, root, inclusive=True) for a in (p.image, p.target))}
+            if any(a is not None and procs.within(a, root, inclusive=True)
+                   for a in (p.image, p.target))}
 
 
 def processes_mounted_under(path: str | os.PathLike[str]) -> dict[int, Process]:
     """Trusted fuse2fs processes whose mount target is `path` or lies below it."""
-    root = _norm(path)
+    root = procs.norm(path)
     return {p.pid: p for p in trusted_processes()
-            if p.target is not None and _within(p.target, root, inclusive=True)}
+            if p.target is not None and procs.within(p.target, root, inclusive=True)}
 
 
 def adopt(pid: int, target: str | os.PathLike[str], *,
           confine: str | os.PathLike[str]) -> Fuse2fs | None:
     """A handle on a fuse2fs left by a dead daemon, if `pid` still is a trusted fuse2fs mounted
     at `target` and `target` lies below `confine` (the run dir's rootfs root)."""
-    target_s, confine_s = _norm(target), _norm(confine)
-    if not _within(target_s, confine_s):
+    target_s, confine_s = procs.norm(target), procs.norm(confine)
+    if not procs.within(target_s, confine_s):
         return None
     found = identify(pid)
     if found is None or found.target != target_s:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from gateway import command
 from gateway.errors import BackendError, CommandError, Conflict, InvalidArgument
-from gateway.host import mounts
+from gateway.host import mounts, procs
 from gateway.idshift import FSNAME
 from gateway.userns.slices import IdMap
 
@@ -48,25 +48,6 @@ def build_argv(source: str, target: str, ids: IdMap, *, read_only: bool, nosuid:
             "--count", str(ids.count), *(["-o", ",".join(opts)] if opts else [])]
 
 
-def _norm(path: str | os.PathLike[str]) -> str:
-    return os.path.normpath(os.path.abspath(os.fspath(path)))
-
-
-def _within(path: str, root: str, *, inclusive: bool = False) -> bool:
-    return (inclusive and path == root) or path.startswith(root.rstrip("/") + "/")
-
-
-def _root_owned(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return line.split()[1:3] == [b"0", b"0"]
-    except OSError:
-        pass
-    return False
-
-
 @dataclass(frozen=True)
 class Process:
     """A running layer the gateway may trust, and where it serves."""
@@ -83,7 +64,7 @@ def identify(pid: int) -> Process | None:
     try:
         if os.readlink(f"/proc/{pid}/exe") not in (interpreter(), interpreter() + " (deleted)"):
             return None
-        if not _root_owned(pid):
+        if not procs.root_owned(pid):
             return None
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
@@ -92,23 +73,18 @@ def identify(pid: int) -> Process | None:
         return None
     if argv[1:3] != ["-m", MODULE] or len(argv) < 5 or not command.alive(pid):
         return None
-    return Process(pid, _norm(os.path.join(cwd, argv[3])), _norm(os.path.join(cwd, argv[4])))
+    return Process(pid, procs.norm(os.path.join(cwd, argv[3])),
+                   procs.norm(os.path.join(cwd, argv[4])))
 
 
 def trusted_processes() -> list[Process]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            proc = identify(int(entry))
-            if proc is not None:
-                found.append(proc)
-    return found
+    return procs.scan(identify)
 
 
 def processes_mounted_under(path: str | os.PathLike[str]) -> dict[int, Process]:
     """Trusted layers whose target is `path` or lies below it."""
-    root = _norm(path)
-    return {p.pid: p for p in trusted_processes() if _within(p.target, root, inclusive=True)}
+    root = procs.norm(path)
+    return {p.pid: p for p in trusted_processes() if procs.within(p.target, root, inclusive=True)}
 
 
 def _is_layer_mount(target: str) -> bool:
@@ -154,7 +130,7 @@ class Layer:
     def stop(self, *, timeout: float = 10.0, force: bool = False) -> None:
         """Unmount (lazily only with force), then wait for the exit: the layer ends with its
         mount. It holds no data of its own, so a kill loses nothing but is still reported."""
-        if self.confine is not None and not _within(self.target, self.confine):
+        if self.confine is not None and not procs.within(self.target, self.confine):
             raise IdshiftError(f"idshift: refusing to stop pid {self.pid}: its target "
                                f"{self.target} is outside {self.confine}")
         if self.mounted():
@@ -174,9 +150,9 @@ def start(source: str | os.PathLike[str], target: str | os.PathLike[str], ids: I
           timeout: float = 15.0, stderr_path: str | None = None,
           confine: str | os.PathLike[str] | None = None) -> Layer:
     """Serve `source` at `target` shifted by `ids`; returns once the mount is visible."""
-    source_s, target_s = _norm(source), _norm(target)
-    confine_s = _norm(confine) if confine is not None else None
-    if confine_s is not None and not _within(target_s, confine_s):
+    source_s, target_s = procs.norm(source), procs.norm(target)
+    confine_s = procs.norm(confine) if confine is not None else None
+    if confine_s is not None and not procs.within(target_s, confine_s):
         raise InvalidArgument(f"idshift: mount target {target_s} is outside {confine_s}")
     if not os.path.isdir(target_s):
         raise InvalidArgument(f"idshift: mount target {target_s} is not a directory")
@@ -205,8 +181,8 @@ def adopt(pid: int, target: str | os.PathLike[str], *,
           confine: str | os.PathLike[str]) -> Layer | None:
     """A handle on a layer a dead gatewayd left, if `pid` still is a trusted layer serving
     `target` and `target` lies below `confine`."""
-    target_s, confine_s = _norm(target), _norm(confine)
-    if not _within(target_s, confine_s):
+    target_s, confine_s = procs.norm(target), procs.norm(confine)
+    if not procs.within(target_s, confine_s):
         return None
     found = identify(pid)
     if found is None or found.target != target_s:
