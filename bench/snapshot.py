@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,15 +152,17 @@ def libvirt_turn() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def gateway_with_libvirt(work: Path) -> Iterator[Daemon]:
-    """A gatewayd with the libvirt hook in a private hooks dir, and a libvirtd that sees it."""
+def gateway_with_libvirt(work: Path, extra_args: Sequence[str] = ()) -> Iterator[Daemon]:
+    """A gatewayd (with `extra_args`) with the libvirt hook in a private hooks dir, and a
+    libvirtd that sees it."""
     from bench.mount_latency import reaches_libvirtd
     from gateway.attach.attachment import prepare_rootfs_root
     from gateway.libvirt import libvirtd
     from gateway.libvirt.hook import install_hook
 
     daemon = Daemon(state_dir=work / "state", run_dir=work / "run",
-                    log_path=work / "gatewayd.log", extra_args=["--libvirt-uri", "lxc:///"])
+                    log_path=work / "gatewayd.log",
+                    extra_args=["--libvirt-uri", "lxc:///", *extra_args])
     with libvirt_turn():
         prepare_rootfs_root(daemon.run_dir)
         hooks = work / "hooks"

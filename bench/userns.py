@@ -27,7 +27,6 @@ Writes OUT/userns-latest.json and OUT/userns-latest.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import errno
 import json
@@ -40,11 +39,10 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.snapshot import libvirt_turn
+from bench.snapshot import gateway_with_libvirt
 from gateway.testing.daemon import Daemon
 from gateway.testing.images import MIB, build_rootfs_tree, make_fs_image
 
@@ -86,38 +84,6 @@ def wait_unmounted(daemon: Daemon, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("the volume stayed mounted after domain stop")
         time.sleep(0.02)
-
-
-@contextlib.contextmanager
-def gateway_with_libvirt(work: Path) -> Iterator[Daemon]:
-    """A gatewayd with a userns range and the libvirt hook, and a libvirtd that sees it."""
-    from bench.mount_latency import reaches_libvirtd
-    from gateway.attach.attachment import prepare_rootfs_root
-    from gateway.libvirt import libvirtd
-    from gateway.libvirt.hook import install_hook
-
-    daemon = Daemon(state_dir=work / "state", run_dir=work / "run",
-                    log_path=work / "gatewayd.log",
-                    extra_args=["--libvirt-uri", "lxc:///", "--userns-range", RANGE])
-    with libvirt_turn():
-        prepare_rootfs_root(daemon.run_dir)
-        hooks = work / "hooks"
-        hooks.mkdir(exist_ok=True)
-        install_hook(hooks, str(daemon.socket))
-        handle = libvirtd.ensure_libvirtd([daemon.run_dir / "rootfs"], hooks_dir=hooks)
-        try:
-            if not handle.owned and not reaches_libvirtd(daemon.run_dir / "rootfs"):
-                raise RuntimeError("a libvirtd was already running and mounts under this run "
-                                   "dir do not reach it")
-            daemon.start()
-            try:
-                yield daemon
-            finally:
-                leaked = daemon.cleanup()
-                if leaked:
-                    print(f"LEAKED: {leaked}", file=sys.stderr)
-        finally:
-            handle.stop()
 
 
 def small_files_tarball(path: Path) -> Path:
@@ -192,7 +158,7 @@ def run(rounds: int, io_rounds: int, stream_mib: int, work: Path) -> dict[str, A
         "mount": {arm: [] for arm in ARMS}, "start": {arm: [] for arm in ARMS}}
     io: dict[str, dict[str, list[float]]] = {step: {arm: [] for arm in IO_ARMS}
                                              for step in IO_STEPS}
-    with gateway_with_libvirt(work) as daemon:
+    with gateway_with_libvirt(work, ["--userns-range", RANGE]) as daemon:
         daemon.ctl("volume", "add", VOLUME, str(image), "--format", "raw", check=True)
         for _ in range(rounds):
             for arm in ARMS:

@@ -32,6 +32,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from gateway.attach import journal as records
 from gateway.attach.journal import (
@@ -53,7 +54,7 @@ from gateway.errors import (
     NotFound,
     TeardownError,
 )
-from gateway.host import acl, fuse2fs, idmap, loopdev, mkfs, mounts
+from gateway.host import acl, fuse2fs, idmap, loopdev, mkfs, mounts, procs
 from gateway.idshift import process as idshift
 from gateway.userns.slices import IdMap
 
@@ -574,51 +575,68 @@ def _detach_loops(devs: Iterable[str], under: Path, report: ReconcileReport, *,
             report.errors.append(f"detach {dev}: {exc}")
 
 
+class _Server(Protocol):
+    """A handle on a trusted FUSE server process (fuse2fs, the id-shifting layer)."""
+
+    @property
+    def target(self) -> str: ...
+
+    def stop(self, *, timeout: float = ..., force: bool = ...) -> None: ...
+
+
+def _stop_servers(what: str, pids: Iterable[int], live: Mapping[int, str | None],
+                  target_of: Callable[[int], str | None],
+                  adopt: Callable[[int, str], _Server | None], under: Path,
+                  report: ReconcileReport, keep: Iterable[Path]) -> None:
+    """Stop the journalled `pids` and the `live` trusted servers of one kind (pid -> mount
+    target) whose mount target is `under` or lies below it, except the targets `keep` names.
+    `target_of` finds a journalled pid's target now (None: gone or not trusted), `adopt` a
+    handle on it (None: outside the directory that confines it)."""
+    for pid in sorted(set(pids) | set(live)):
+        target = live[pid] if pid in live else target_of(pid)
+        if target is None or not procs.within(target, str(under), inclusive=True):
+            continue  # gone, not trusted, or mounted elsewhere: the pid is someone else's
+        if _kept(target, keep):
+            continue  # an adopted attachment's
+        handle = adopt(pid, target)
+        if handle is None:
+            continue
+        report.found.append(f"{what} pid {pid} at {handle.target}")
+        try:
+            handle.stop(force=True, timeout=5.0)
+            report.done.append(f"stopped {what} pid {pid}")
+        except GatewayError as exc:
+            report.errors.append(f"stop {what} pid {pid}: {exc}")
+
+
 def _stop_fuse2fs(pids: Iterable[int], under: Path, report: ReconcileReport, *,
                   rootfs_root: Path, keep: Iterable[Path] = ()) -> None:
     """Stop the journalled `pids` and the fuse2fs processes mounted at or below `under`, but
     only trusted ones (root's, the real binary) whose mount target lies below `rootfs_root`:
     anything else (another user's look-alike, root's own fuse2fs elsewhere) is not ours."""
-    live = fuse2fs.processes_mounted_under(under)
-    for pid in sorted(set(pids) | set(live)):
-        proc = live.get(pid) or fuse2fs.identify(pid)
-        if proc is None or proc.target is None or not (
-                proc.target == str(under) or proc.target.startswith(str(under) + "/")):
-            continue  # gone, not trusted, or mounted elsewhere: the pid is someone else's
-        if _kept(proc.target, keep):
-            continue  # an adopted attachment's
-        handle = fuse2fs.adopt(pid, proc.target, confine=rootfs_root)
-        if handle is None:
-            continue
-        report.found.append(f"fuse2fs pid {pid} at {handle.target}")
-        try:
-            handle.stop(force=True, timeout=5.0)
-            report.done.append(f"stopped fuse2fs pid {pid}")
-        except GatewayError as exc:
-            report.errors.append(f"stop fuse2fs pid {pid}: {exc}")
+    def target_of(pid: int) -> str | None:
+        proc = fuse2fs.identify(pid)
+        return proc.target if proc is not None else None
+
+    live = {pid: p.target for pid, p in fuse2fs.processes_mounted_under(under).items()}
+    _stop_servers("fuse2fs", pids, live, target_of,
+                  lambda pid, target: fuse2fs.adopt(pid, target, confine=rootfs_root),
+                  under, report, keep)
 
 
 def _stop_layers(pids: Iterable[int], under: Path, report: ReconcileReport, *,
                  rootfs_root: Path, keep: Iterable[Path] = ()) -> None:
     """Stop the journalled `pids` and the trusted id-shifting layers serving at or below
     `under` (as _stop_fuse2fs does for fuse2fs): before fuse2fs's mount below them goes."""
-    live = idshift.processes_mounted_under(under)
-    for pid in sorted(set(pids) | set(live)):
-        proc = live.get(pid) or idshift.identify(pid)
-        if proc is None or not (proc.target == str(under)
-                                or proc.target.startswith(str(under) + "/")):
-            continue
-        if _kept(proc.target, keep):
-            continue
-        handle = idshift.adopt(pid, proc.target, confine=rootfs_root)
-        if handle is None:
-            continue
-        report.found.append(f"idshift pid {pid} at {handle.target}")
-        try:
-            handle.stop(force=True, timeout=5.0)
-            report.done.append(f"stopped idshift pid {pid}")
-        except GatewayError as exc:
-            report.errors.append(f"stop idshift pid {pid}: {exc}")
+    def target_of(pid: int) -> str | None:
+        proc = idshift.identify(pid)
+        return proc.target if proc is not None else None
+
+    live: dict[int, str | None] = {
+        pid: p.target for pid, p in idshift.processes_mounted_under(under).items()}
+    _stop_servers("idshift", pids, live, target_of,
+                  lambda pid, target: idshift.adopt(pid, target, confine=rootfs_root),
+                  under, report, keep)
 
 
 def reconcile(run_dir: str | os.PathLike[str], volume: str,

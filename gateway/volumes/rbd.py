@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,22 +83,8 @@ def make_overlay(name: object, base: Volume, image: RbdImage, *, pool: str | Non
     another host holds the base's writer lease (its snapshot would catch a filesystem in
     motion). Returns the clone's catalog row; the caller inserts it, or calls `drop_made`
     when it cannot (blocking)."""
-    name = check_name(name)
-    child = _child(name, image, pool)
-    _check_unwritten(base, image, host_id, config, "an overlay")
-    metadata = {FORMAT_KEY: "raw", ORIGIN_KEY: "overlay", BASE_KEY: image.spec}
-    if base.fstype is not None:
-        metadata[FSTYPE_KEY] = base.fstype
-    client.clone(image, child, config, metadata)
-    try:
-        found = examine(name, child.spec, conf=child.conf, user=child.user,
-                        declared_format="raw", nosuid=nosuid, noexec=noexec, config=config)
-    except BaseException:
-        drop_made(child, config)
-        raise
-    lineage = {**found.volume.lineage, "source": base.name, "made_here": True}
-    volume = dataclasses.replace(found.volume, origin="overlay", lineage=lineage)
-    return Found(volume=volume, image=child, writes={})
+    return _make_from(name, base, image, "overlay", client.clone, "an overlay", pool=pool,
+                      host_id=host_id, nosuid=nosuid, noexec=noexec, config=config)
 
 
 def make_copy(name: object, source: Volume, image: RbdImage, *, pool: str | None,
@@ -105,13 +92,26 @@ def make_copy(name: object, source: Volume, image: RbdImage, *, pool: str | None
               config: client.ClientConfig) -> Found:
     """`volume create NAME --from SOURCE --copy` on an RBD source: a full, independent copy in
     the cluster (librbd's copy: the current data, no snapshots), raw, origin copy (blocking)."""
+    return _make_from(name, source, image, "copy", client.copy, "a copy", pool=pool,
+                      host_id=host_id, nosuid=nosuid, noexec=noexec, config=config)
+
+
+def _make_from(name: object, source: Volume, image: RbdImage, origin: str,
+               make: Callable[[RbdImage, RbdImage, client.ClientConfig, Mapping[str, str]],
+                              None], what: str, *,
+               pool: str | None, host_id: str, nosuid: bool, noexec: bool,
+               config: client.ClientConfig) -> Found:
+    """A new image made from `source` (at `image`) by `make` (clone or copy) with the gateway's
+    keys (format raw, `origin`, base = the source's spec, its pinned fstype), examined like any
+    registered image and recorded as made here; removed again if that fails. `what` names the
+    new volume in a refusal."""
     name = check_name(name)
     dest = _child(name, image, pool)
-    _check_unwritten(source, image, host_id, config, "a copy")
-    metadata = {FORMAT_KEY: "raw", ORIGIN_KEY: "copy", BASE_KEY: image.spec}
+    _check_unwritten(source, image, host_id, config, what)
+    metadata = {FORMAT_KEY: "raw", ORIGIN_KEY: origin, BASE_KEY: image.spec}
     if source.fstype is not None:
         metadata[FSTYPE_KEY] = source.fstype
-    client.copy(image, dest, config, metadata)
+    make(image, dest, config, metadata)
     try:
         found = examine(name, dest.spec, conf=dest.conf, user=dest.user,
                         declared_format="raw", nosuid=nosuid, noexec=noexec, config=config)
@@ -119,7 +119,7 @@ def make_copy(name: object, source: Volume, image: RbdImage, *, pool: str | None
         drop_made(dest, config)
         raise
     lineage = {**found.volume.lineage, "source": source.name, "made_here": True}
-    volume = dataclasses.replace(found.volume, origin="copy", lineage=lineage)
+    volume = dataclasses.replace(found.volume, origin=origin, lineage=lineage)
     return Found(volume=volume, image=dest, writes={})
 
 
